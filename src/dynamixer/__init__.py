@@ -1,0 +1,19 @@
+"""dynamixer: the DynaMixer vision architecture (Wang et al., ICML 2022) for PyTorch and timm.
+
+Importing the package registers ``dynamixer_s``, ``dynamixer_m``, ``dynamixer_l`` and
+``dynamixer_nano`` with timm, so ``timm.create_model('dynamixer_s')`` works.
+"""
+from typing import List
+
+from .model import (
+    DynaMixer, DynaMixerBlock, DynaMixerOp, DynaMixerStage, MixerLayer, MODEL_ARGS,
+    checkpoint_filter_fn, token_grids,
+)
+from .checkpoint import CheckpointError, read_checkpoint, validate_checkpoint_file
+
+__version__ = '0.1.0'
+
+
+def list_models() -> List[str]:
+    """Names of the DynaMixer models registered with timm."""
+    return list(MODEL_ARGS)

@@ -1,0 +1,38 @@
+"""The `dynamixer` command line: one sub-command per module.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; add a line to
+COMMANDS to register a new one.
+"""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help)
+COMMANDS = {
+    'info': ('dynamixer.info', 'build every model, check it and print the model table'),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='dynamixer', description='DynaMixer vision models: train, evaluate, predict, export.')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
