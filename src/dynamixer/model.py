@@ -30,6 +30,9 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from .fast_mixing import DynamicMix, dynamic_mix_forward, generator_rows_out_major, reduced_token_major
 
 __all__ = [
     'DynaMixerOp', 'DynaMixerBlock', 'MixerLayer', 'DynaMixerStage', 'DynaMixer',
@@ -91,6 +94,24 @@ def _check_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], name
 torch.fx.wrap('_check_input')  # plain torch.fx.symbolic_trace keeps it as one call, too
 
 
+def _triton_mixing_available() -> bool:
+    try:
+        from .triton_mixing import triton_available
+    except ImportError:
+        return False
+    return triton_available()
+
+
+@torch.jit.unused
+def _fast_path_ok(x: torch.Tensor, dynamic: bool) -> bool:
+    """Use the copy-free eager path? Not while tracing or compiling (the plain ops are what FX,
+    TorchScript and Inductor handle best) and not under autocast (the plain path's casts define
+    the mixed-precision function)."""
+    if not dynamic or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
 class DynaMixerOp(nn.Module):
     """Dynamic mixing of N tokens along one axis: (..., N, C) -> (..., N, C).
 
@@ -140,7 +161,31 @@ class DynaMixerOp(nn.Module):
         logits = self.generate(r).unflatten(-1, (n, n))         # (..., S, N_in, N_out)
         return logits.softmax(dim=-2)
 
+    @torch.jit.unused
+    def mix_tokens_fast(self, x4: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Dynamic mixing without the output projection, copy-free (see `fast_mixing`).
+
+        x4: (B, N, L, C) tokens mixed along N (channels contiguous); r: their reduced features
+        (B, N, L, S*d). Returns (B, N, L, C), contiguous.
+        """
+        assert self.reduce is not None and self.generate is not None
+        b, n, l, _ = x4.shape
+        s, d = self.num_segments, self.reduced_dim
+        weight, bias = generator_rows_out_major(self.generate.weight, self.generate.bias, n)
+        r2 = reduced_token_major(r, b, n, l, s, d)
+        if x4.is_cuda and _triton_mixing_available():
+            from .triton_mixing import triton_dynamic_mix
+            return triton_dynamic_mix(x4, r2, weight, bias, s)
+        if torch.is_grad_enabled() and (x4.requires_grad or r2.requires_grad or weight.requires_grad):
+            return DynamicMix.apply(x4, r2, weight, bias, s)
+        return dynamic_mix_forward(x4, r2, weight, bias, s)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and _fast_path_ok(x, self.static_logits is None):
+            n, c = x.shape[-2], x.shape[-1]
+            x4 = x.reshape(-1, n, 1, c)
+            out = self.mix_tokens_fast(x4, self.reduce(x4))
+            return self.proj(out.view(x.shape))
         s = self.num_segments
         p = self.mixing_weights(x)                              # (..., S, N_in, N_out)
         xs = x.unflatten(-1, (s, self.dim // s)).transpose(-3, -2)  # (..., S, N_in, C/S)
@@ -174,7 +219,44 @@ class DynaMixerBlock(nn.Module):
         self.reweight = Mlp(dim, dim // 4, dim * 3) if reweight else None
         self.proj = nn.Linear(dim, dim)
 
+    @torch.jit.unused
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """Same function as the plain path, without activation copies (see `fast_mixing`).
+
+        Both reductions run as one GEMM; the branches' output projections are linear, so the
+        re-weighting mean is taken before them, and the per-image weights a_h, a_w, a_c are folded
+        into per-image projection weights: h, w and c are never materialised.
+        """
+        bsz, hh, ww, c = x.shape
+        x = x.contiguous()
+        mh, mw = self.mix_h, self.mix_w
+        assert mh.reduce is not None and mw.reduce is not None
+        sd = mh.reduce.out_features
+        r = torch.addmm(
+            torch.cat([mh.reduce.bias, mw.reduce.bias]), x.view(-1, c),
+            torch.cat([mh.reduce.weight, mw.reduce.weight]).t())
+        r = r.view(bsz, hh, ww, 2 * sd)
+        o_h = mh.mix_tokens_fast(x, r[..., :sd])                               # along H: (B, H, W, C)
+        o_w = mw.mix_tokens_fast(x.view(-1, ww, 1, c), r[..., sd:].reshape(-1, ww, 1, sd))
+        o_h, o_w, xt = o_h.view(bsz, -1, c), o_w.view(bsz, -1, c), x.view(bsz, -1, c)
+        w_h, b_h, w_w, b_w = mh.proj.weight, mh.proj.bias, mw.proj.weight, mw.proj.bias
+        if self.reweight is None:
+            z = torch.baddbmm(b_h + b_w, o_h, w_h.t().expand(bsz, c, c))
+        else:
+            # mean over tokens of h + w + c, through the (linear) branch projections
+            m = F.linear(o_h.mean(1), w_h, b_h) + F.linear(o_w.mean(1), w_w, b_w) + F.linear(xt.mean(1), self.mix_c.weight)
+            a = self.reweight(m).unflatten(-1, (c, 3)).softmax(dim=-1)          # (B, C, 3)
+            a_h, a_w, a_c = a[..., 0, None], a[..., 1, None], a[..., 2, None]      # (B, C, 1)
+            z = torch.baddbmm((a_h * b_h[:, None] + a_w * b_w[:, None]).transpose(1, 2), o_h, (w_h * a_h).transpose(1, 2))
+        w_w = w_w.expand(bsz, c, c) if self.reweight is None else w_w * a_w
+        w_c = self.mix_c.weight.expand(bsz, c, c) if self.reweight is None else self.mix_c.weight * a_c
+        # accumulate in place: no copy of z per term (their backward does not need z)
+        z = z.baddbmm_(o_w, w_w.transpose(1, 2)).baddbmm_(xt, w_c.transpose(1, 2))
+        return self.proj(z.view(bsz, hh, ww, c))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and _fast_path_ok(x, self.mix_h.static_logits is None):
+            return self.forward_fast(x)
         h = self.mix_h(x.transpose(1, 2)).transpose(1, 2)       # mix along H, per column
         w = self.mix_w(x)                                       # mix along W, per row
         c = self.mix_c(x)

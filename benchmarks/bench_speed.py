@@ -1,0 +1,331 @@
+"""Speed and memory of the library's DynaMixer models against the straightforward reference.
+
+One process, variants interleaved over several rounds, medians and ratios:
+
+* inference images/s (batch 16 fp32 on CPU; batch 128 bf16 autocast on a GPU),
+* training-step images/s (forward, backward, AdamW step; batch 8 on CPU, 128 bf16 on a GPU),
+* peak memory of one training step,
+* the fraction of the machine's float32 (GPU: bf16) matmul rate each model reaches: the model's
+  multiply-adds (FlopCounterMode) times images/s, over the rate of a large matmul timed in the
+  same rounds.
+
+Variants: ``reference`` (benchmarks/baseline.py, the step-by-step implementation), ``library``
+(eager) and ``compiled`` (torch.compile of the library model). Before timing, the library's
+outputs and gradients are checked against the reference (float32 relative error <= 1e-5).
+
+CPU peak memory: PyTorch has no CPU allocator statistics, so the step runs once under
+torch.profiler(profile_memory=True); every allocation and free of the CPU allocator is an event,
+and the running sum of their sizes, in time order, peaks at the step's peak above what was live
+before it. 'total' adds what was live before the step (weights and AdamW state; gradients are
+freed by zero_grad(set_to_none=True)). On CUDA: torch.cuda.max_memory_allocated.
+
+    python benchmarks/bench_speed.py --models dynamixer_s --rounds 5
+    python benchmarks/bench_speed.py --models dynamixer_nano dynamixer_s dynamixer_m dynamixer_l
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baseline import baseline_model  # noqa: E402
+
+import timm  # noqa: E402
+import dynamixer  # noqa: E402,F401  (registers the models)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_equal(lib: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float) -> Dict[str, float]:
+    """Forward outputs, input gradient and every weight gradient of lib vs ref (float32)."""
+    errs = {}
+    for m in (lib, ref):
+        m.zero_grad(set_to_none=True)
+    xl, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yl, yr = lib(xl), ref(xr)
+    errs['output'] = rel_err(yl, yr)
+    w = torch.randn_like(yr)
+    (yl * w).sum().backward()
+    (yr * w).sum().backward()
+    errs['input_grad'] = rel_err(xl.grad, xr.grad)
+    errs['weight_grads'] = max(
+        rel_err(pl.grad, pr.grad) for pl, pr in zip(lib.parameters(), ref.parameters()) if pr.grad is not None)
+    for m in (lib, ref):
+        m.zero_grad(set_to_none=True)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    if bad:
+        raise SystemExit(f'library and reference differ: {bad} (tolerance {tol})')
+    return errs
+
+
+def count_macs(model: nn.Module, x: torch.Tensor, backward: bool = False) -> float:
+    """Multiply-adds of matmuls and convolutions per image (FlopCounterMode / 2)."""
+    with FlopCounterMode(display=False) as fc:
+        if backward:
+            model(x).sum().backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(x)
+    return fc.get_total_flops() / 2 / x.shape[0]
+
+
+class TrainStep:
+    """forward, cross-entropy, backward, AdamW step."""
+
+    def __init__(self, model: nn.Module, batch: int, img_size, num_classes: int, device, amp_dtype):
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        self.x = torch.randn(batch, 3, *img_size, device=device)
+        self.y = torch.randint(0, num_classes, (batch,), device=device)
+        self.device, self.amp_dtype = device, amp_dtype
+
+    def __call__(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+
+def live_bytes(step: TrainStep) -> int:
+    """Bytes held between steps: weights and optimizer state."""
+    seen, total = set(), 0
+    tensors = list(step.model.parameters()) + list(step.model.buffers())
+    for st in step.opt.state.values():
+        tensors += [v for v in st.values() if torch.is_tensor(v)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def step_peak_bytes(step: TrainStep) -> int:
+    """Peak bytes allocated during one call of `step` above the level before it."""
+    if step.device.type == 'cuda':
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[], float]:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+
+    def run() -> float:
+        return 2 * n ** 3 / _timed(lambda: a @ b, device)
+    return run
+
+
+def median(v: List[float]) -> float:
+    return statistics.median(v) if v else float('nan')
+
+
+def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm: Callable[[], float]) -> Dict:
+    torch.manual_seed(0)
+    gpu = device.type == 'cuda'
+    amp = torch.bfloat16 if gpu else None
+    lib = timm.create_model(name).to(device)
+    ref = baseline_model(lib)
+    img = lib.img_size
+    res: Dict = dict(model=name, img_size=list(img))
+
+    # 1. same function: outputs and gradients, float32
+    x = torch.randn(2, 3, *img, device=device)
+    res['check'] = check_equal(lib, ref, x, args.tol)
+    res['gmacs_per_image'] = count_macs(ref.eval(), x[:1]) / 1e9
+    res['train_gmacs_per_image'] = count_macs(ref.train(), x[:1], backward=True) / 1e9
+
+    variants = {'reference': ref, 'library': lib}
+    if args.compile:
+        variants['compiled'] = torch.compile(lib)
+    bi, bt = args.infer_batch, args.train_batch
+    xi = torch.randn(bi, 3, *img, device=device)
+
+    def infer(m):
+        def run():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                m(xi)
+        return run
+    infer_fns = {k: infer(m.eval()) for k, m in variants.items()}
+    # training steps work on their own copies so that each variant's AdamW state is its own
+    train_models = {'reference': baseline_model(lib), 'library': _copy(lib)}
+    if args.compile:
+        train_models['compiled'] = torch.compile(_copy(lib))
+    train_fns = {k: TrainStep(m.train(), bt, img, lib.num_classes, device, amp) for k, m in train_models.items()}
+
+    # warm-up (and compilation)
+    for k in variants:
+        for _ in range(args.warmup):
+            infer_fns[k]()
+            train_fns[k]()
+
+    times = {f'{kind}/{k}': [] for kind in ('infer', 'train') for k in variants}
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for k in order:
+            times[f'infer/{k}'].append(bi / _timed(infer_fns[k], device))
+            times[f'train/{k}'].append(bt / _timed(train_fns[k], device))
+        mm_rates.append(mm())
+        if args.verbose:
+            print(f'  round {r}: ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in times.items()), flush=True)
+    res['images_per_s'] = {k: median(v) for k, v in times.items()}
+    res['images_per_s_rounds'] = times
+    for kind in ('infer', 'train'):
+        for k in variants:
+            if k == 'reference':
+                continue
+            per_round = [a / b for a, b in zip(times[f'{kind}/{k}'], times[f'{kind}/reference'])]
+            res.setdefault('speedup', {})[f'{kind}/{k}'] = median(per_round)
+
+    if args.memory:
+        mem = {}
+        for k, step in train_fns.items():
+            step_peak = step_peak_bytes(step)
+            mem[k] = dict(step_peak_mib=step_peak / 2 ** 20, live_before_mib=live_bytes(step) / 2 ** 20,
+                          total_peak_mib=(step_peak + live_bytes(step)) / 2 ** 20)
+        res['memory'] = mem
+    return res
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)
+
+
+def machine_info(device: torch.device) -> Dict:
+    info = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+                date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+    try:
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'):
+                info['cpu'] = line.split(':', 1)[1].strip()
+                break
+        info['cpus'] = os.cpu_count()
+        info['load_avg_start'] = os.getloadavg()
+    except OSError:
+        pass
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_tables(results: List[Dict], info: Dict) -> None:
+    mm = info['matmul_gflops']
+    print(f"\nmatmul rate (median of rounds): {mm:.1f} GFLOP/s; load avg start {info.get('load_avg_start')} "
+          f"end {info.get('load_avg_end')}")
+    print('\n| model | variant | inference img/s | ratio | % matmul rate | train img/s | ratio | % matmul rate |')
+    print('|---|---|---|---|---|---|---|---|')
+    for r in results:
+        for k in ('reference', 'library', 'compiled'):
+            if f'infer/{k}' not in r['images_per_s']:
+                continue
+            ips, tps = r['images_per_s'][f'infer/{k}'], r['images_per_s'][f'train/{k}']
+            ri = r.get('speedup', {}).get(f'infer/{k}', 1.0)
+            rt = r.get('speedup', {}).get(f'train/{k}', 1.0)
+            fi = 100 * ips * 2e9 * r['gmacs_per_image'] / (mm * 1e9)
+            ft = 100 * tps * 2e9 * r['train_gmacs_per_image'] / (mm * 1e9)
+            print(f"| {r['model']} | {k} | {ips:.2f} | {ri:.2f}x | {fi:.0f}% | {tps:.2f} | {rt:.2f}x | {ft:.0f}% |")
+    if any('memory' in r for r in results):
+        print('\n| model | variant | step peak above live (MiB) | ratio | live before step (MiB) | total peak (MiB) | ratio |')
+        print('|---|---|---|---|---|---|---|')
+        for r in results:
+            mem = r.get('memory')
+            if not mem:
+                continue
+            ref = mem['reference']
+            for k, v in mem.items():
+                print(f"| {r['model']} | {k} | {v['step_peak_mib']:.0f} | {v['step_peak_mib'] / ref['step_peak_mib']:.2f}x | "
+                      f"{v['live_before_mib']:.0f} | {v['total_peak_mib']:.0f} | "
+                      f"{v['total_peak_mib'] / ref['total_peak_mib']:.2f}x |")
+    print('\nequality checks (relative error, float32):')
+    for r in results:
+        print(f"  {r['model']}: " + ', '.join(f'{k} {v:.1e}' for k, v in r['check'].items()))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', nargs='+', default=['dynamixer_s'])
+    p.add_argument('--rounds', type=int, default=5, help='interleaved timing rounds (median reported)')
+    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--infer-batch', type=int, default=None, help='default 16 (CPU) or 128 (GPU)')
+    p.add_argument('--train-batch', type=int, default=None, help='default 8 (CPU) or 128 (GPU)')
+    p.add_argument('--no-memory', dest='memory', action='store_false')
+    p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile rows')
+    p.add_argument('--matmul-size', type=int, default=None, help='default 2048 (CPU), 8192 (GPU)')
+    p.add_argument('--tol', type=float, default=1e-5)
+    p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--json', default=None, help='also write the results here')
+    p.add_argument('--verbose', action='store_true')
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == 'cuda'
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.infer_batch = args.infer_batch or (128 if gpu else 16)
+    args.train_batch = args.train_batch or (128 if gpu else 8)
+    mm = matmul_rate(device, torch.bfloat16 if gpu else torch.float32, args.matmul_size or (8192 if gpu else 2048))
+    info = machine_info(device)
+    mm_rates: List[float] = []
+    results = []
+    for name in args.models:
+        print(f'== {name}', flush=True)
+        results.append(bench_model(name, args, device, mm_rates, mm))
+    info['matmul_gflops'] = median(mm_rates) / 1e9
+    info['load_avg_end'] = os.getloadavg()
+    info['args'] = vars(args)
+    print_tables(results, info)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(info=info, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
