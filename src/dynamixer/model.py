@@ -105,11 +105,13 @@ def _triton_mixing_available() -> bool:
 @torch.jit.unused
 def _fast_path_ok(x: torch.Tensor, dynamic: bool) -> bool:
     """Use the copy-free eager path? Not while tracing or compiling (the plain ops are what FX,
-    TorchScript and Inductor handle best) and not under autocast (the plain path's casts define
-    the mixed-precision function)."""
+    TorchScript and Inductor handle best), and under autocast only on CUDA with Triton (the
+    fused kernel follows the plain path's casts; on the CPU the plain path defines them)."""
     if not dynamic or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
         return False
-    return not torch.is_autocast_enabled(x.device.type)
+    if torch.is_autocast_enabled(x.device.type):
+        return x.is_cuda and _triton_mixing_available()
+    return True
 
 
 class DynaMixerOp(nn.Module):
