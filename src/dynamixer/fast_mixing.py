@@ -19,13 +19,13 @@ every sequence and segment. Here:
 Layout used throughout: tokens ``x4`` of shape (B, N, L, C) mixes along N, for the B*L sequences
 (B, :, l); mixing matrices ``pt`` of shape (B, L, S, N_out, N_in).
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 __all__ = [
     'generator_rows_out_major', 'reduced_token_major', 'mixing_probs', 'mix_tokens', 'mix_outer',
-    'dynamic_mix_forward', 'DynamicMix',
+    'dynamic_mix_forward', 'DynamicMix', 'reweighted_sum', 'ReweightedSum',
 ]
 
 
@@ -154,3 +154,75 @@ class DynamicMix(torch.autograd.Function):
                 if db is not None:
                     db += dlogits.sum(0)
         return dx, dr2, dw, db, None
+
+
+def reweighted_sum(branches: List[torch.Tensor], weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                   a: torch.Tensor) -> torch.Tensor:
+    """z = sum_k a[..., k] * (branches[k] @ weights[k]^T + biases[k]): (B, T, C) each -> (B, T, C).
+
+    `a` (B, C, K) weights every branch's output channels per image. With T >= C the weights are
+    folded into per-image projection weights (h, w and c are never materialised); otherwise the
+    branch outputs are formed with one large GEMM each and combined in place.
+    """
+    bsz, t, c = branches[0].shape
+    bias = sum(a[..., k] * b for k, b in enumerate(biases) if b is not None)
+    if t >= c:
+        z = None
+        for k, (o, w) in enumerate(zip(branches, weights)):
+            wk = (w * a[..., k, None]).transpose(1, 2)                  # (B, C_in, C_out)
+            z = torch.baddbmm(bias[:, None], o, wk) if z is None else z.baddbmm_(o, wk)
+        return z
+    z = torch.zeros_like(branches[0]) + bias[:, None]
+    for k, (o, w) in enumerate(zip(branches, weights)):
+        z.addcmul_(torch.matmul(o, w.t()), a[:, None, :, k])
+    return z
+
+
+class ReweightedSum(torch.autograd.Function):
+    """`reweighted_sum` that stores no branch: `recompute()` gives them again in backward.
+
+    The weight gradient of branch k is sum_b a_b[:, k] * (dz_b^T o_b), and the gradient of a_b[:, k]
+    is the row-wise dot of W_k with the same (C x C) product: one per-image GEMM gives both, so h,
+    w and c are needed neither in forward nor in backward.
+    Inputs: a (B, C, K), then per branch its input (B, T, C), weight (C, C) and bias (C or None),
+    and `recompute`, a callable returning the branch inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, recompute, a: torch.Tensor, *args):
+        k = len(args) // 3
+        branches, weights, biases = list(args[0::3]), list(args[1::3]), list(args[2::3])
+        ctx.recompute, ctx.k = recompute, k
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(a, *weights, *[b for b in biases if b is not None])
+        return reweighted_sum(branches, weights, biases, a)
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor):
+        saved = ctx.saved_tensors
+        k = ctx.k
+        a, weights, rest = saved[0], saved[1:1 + k], list(saved[1 + k:])
+        biases = [rest.pop(0) if hb else None for hb in ctx.has_bias]
+        branches = ctx.recompute()
+        dz = dz.contiguous()
+        dz_sum = dz.sum(1)                                               # (B, C)
+        da = torch.zeros_like(a) if ctx.needs_input_grad[1] else None
+        grads = []
+        for i, (o, w, b) in enumerate(zip(branches, weights, biases)):
+            ai = a[..., i]                                               # (B, C)
+            need_o, need_w, need_b = ctx.needs_input_grad[2 + 3 * i:5 + 3 * i]
+            do = torch.matmul(dz * ai[:, None], w) if need_o else None
+            dw = db = None
+            if need_w or da is not None:
+                m = torch.bmm(dz.transpose(1, 2), o)                      # (B, C_out, C_in)
+                if need_w:
+                    dw = (m * ai[:, :, None]).sum(0)
+                if da is not None:
+                    da[..., i] = (m * w).sum(-1)
+                    if b is not None:
+                        da[..., i] += dz_sum * b
+                del m
+            if b is not None and need_b:
+                db = (dz_sum * ai).sum(0)
+            grads += [do, dw, db]
+        return (None, da, *grads)

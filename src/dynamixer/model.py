@@ -32,7 +32,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from .fast_mixing import DynamicMix, dynamic_mix_forward, generator_rows_out_major, reduced_token_major
+from .fast_mixing import (
+    DynamicMix, ReweightedSum, dynamic_mix_forward, generator_rows_out_major, reduced_token_major, reweighted_sum)
 
 __all__ = [
     'DynaMixerOp', 'DynaMixerBlock', 'MixerLayer', 'DynaMixerStage', 'DynaMixer',
@@ -106,8 +107,12 @@ def _triton_mixing_available() -> bool:
 def _fast_path_ok(x: torch.Tensor, dynamic: bool) -> bool:
     """Use the copy-free eager path? Not while tracing or compiling (the plain ops are what FX,
     TorchScript and Inductor handle best), and under autocast only on CUDA with Triton (the
-    fused kernel follows the plain path's casts; on the CPU the plain path defines them)."""
+    fused kernel follows the plain path's casts; on the CPU the plain path defines them). On the
+    meta device (shape inference, op counting) the plain path's op sequence is the canonical one:
+    the fast path spends 3*C*C extra multiply-adds per image and block on the re-weighting mean."""
     if not dynamic or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+        return False
+    if x.device.type not in ('cpu', 'cuda'):
         return False
     if torch.is_autocast_enabled(x.device.type):
         return x.is_cuda and _triton_mixing_available()
@@ -164,11 +169,12 @@ class DynaMixerOp(nn.Module):
         return logits.softmax(dim=-2)
 
     @torch.jit.unused
-    def mix_tokens_fast(self, x4: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def mix_tokens_fast(self, x4: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         """Dynamic mixing without the output projection, copy-free (see `fast_mixing`).
 
         x4: (B, N, L, C) tokens mixed along N (channels contiguous); r: their reduced features
-        (B, N, L, S*d). Returns (B, N, L, C), contiguous.
+        (B, N, L, S*d). Returns the mixed tokens (B, N, L, C), contiguous, and a function that
+        recomputes them (without autograd) for a backward pass that did not keep them.
         """
         assert self.reduce is not None and self.generate is not None
         b, n, l, _ = x4.shape
@@ -176,17 +182,23 @@ class DynaMixerOp(nn.Module):
         weight, bias = generator_rows_out_major(self.generate.weight, self.generate.bias, n)
         r2 = reduced_token_major(r, b, n, l, s, d)
         if x4.is_cuda and _triton_mixing_available():
-            from .triton_mixing import triton_dynamic_mix
-            return triton_dynamic_mix(x4, r2, weight, bias, s)
-        if torch.is_grad_enabled() and (x4.requires_grad or r2.requires_grad or weight.requires_grad):
-            return DynamicMix.apply(x4, r2, weight, bias, s)
-        return dynamic_mix_forward(x4, r2, weight, bias, s)
+            from .triton_mixing import triton_dynamic_mix as mix, triton_mix_forward as mix_forward
+        else:
+            mix, mix_forward = DynamicMix.apply, dynamic_mix_forward
+        saved = [t.detach() for t in (x4, r2, weight, bias)]
+
+        def recompute() -> torch.Tensor:
+            with torch.no_grad():
+                return mix_forward(saved[0], saved[1], saved[2], saved[3], s)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x4, r2, weight, bias)):
+            return mix(x4, r2, weight, bias, s), recompute
+        return mix_forward(x4, r2, weight, bias, s), recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and _fast_path_ok(x, self.static_logits is None):
             n, c = x.shape[-2], x.shape[-1]
             x4 = x.reshape(-1, n, 1, c)
-            out = self.mix_tokens_fast(x4, self.reduce(x4))
+            out, _ = self.mix_tokens_fast(x4, self.reduce(x4))
             return self.proj(out.view(x.shape))
         s = self.num_segments
         p = self.mixing_weights(x)                              # (..., S, N_in, N_out)
@@ -238,22 +250,23 @@ class DynaMixerBlock(nn.Module):
             torch.cat([mh.reduce.bias, mw.reduce.bias]), x.view(-1, c),
             torch.cat([mh.reduce.weight, mw.reduce.weight]).t())
         r = r.view(bsz, hh, ww, 2 * sd)
-        o_h = mh.mix_tokens_fast(x, r[..., :sd])                               # along H: (B, H, W, C)
-        o_w = mw.mix_tokens_fast(x.view(-1, ww, 1, c), r[..., sd:].reshape(-1, ww, 1, sd))
+        o_h, again_h = mh.mix_tokens_fast(x, r[..., :sd])                     # along H: (B, H, W, C)
+        o_w, again_w = mw.mix_tokens_fast(x.view(-1, ww, 1, c), r[..., sd:].reshape(-1, ww, 1, sd))
         o_h, o_w, xt = o_h.view(bsz, -1, c), o_w.view(bsz, -1, c), x.view(bsz, -1, c)
-        w_h, b_h, w_w, b_w = mh.proj.weight, mh.proj.bias, mw.proj.weight, mw.proj.bias
+        w_h, b_h, w_w, b_w, w_c = mh.proj.weight, mh.proj.bias, mw.proj.weight, mw.proj.bias, self.mix_c.weight
         if self.reweight is None:
-            z = torch.baddbmm(b_h + b_w, o_h, w_h.t().expand(bsz, c, c))
+            a = x.new_ones(bsz, c, 3)
         else:
             # mean over tokens of h + w + c, through the (linear) branch projections
-            m = F.linear(o_h.mean(1), w_h, b_h) + F.linear(o_w.mean(1), w_w, b_w) + F.linear(xt.mean(1), self.mix_c.weight)
+            m = F.linear(o_h.mean(1), w_h, b_h) + F.linear(o_w.mean(1), w_w, b_w) + F.linear(xt.mean(1), w_c)
             a = self.reweight(m).unflatten(-1, (c, 3)).softmax(dim=-1)          # (B, C, 3)
-            a_h, a_w, a_c = a[..., 0, None], a[..., 1, None], a[..., 2, None]      # (B, C, 1)
-            z = torch.baddbmm((a_h * b_h[:, None] + a_w * b_w[:, None]).transpose(1, 2), o_h, (w_h * a_h).transpose(1, 2))
-        w_w = w_w.expand(bsz, c, c) if self.reweight is None else w_w * a_w
-        w_c = self.mix_c.weight.expand(bsz, c, c) if self.reweight is None else self.mix_c.weight * a_c
-        # accumulate in place: no copy of z per term (their backward does not need z)
-        z = z.baddbmm_(o_w, w_w.transpose(1, 2)).baddbmm_(xt, w_c.transpose(1, 2))
+        args = (o_h, w_h, b_h, o_w, w_w, b_w, xt, w_c, None)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a,) + args):
+            xd = xt.detach()
+            z = ReweightedSum.apply(
+                lambda: [again_h().view(bsz, -1, c), again_w().view(bsz, -1, c), xd], a, *args)
+        else:
+            z = reweighted_sum([o_h, o_w, xt], [w_h, w_w, w_c], [b_h, b_w, None], a)
         return self.proj(z.view(bsz, hh, ww, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ except ImportError:  # the PyTorch path is used instead
     triton = None
     tl = None
 
-__all__ = ['triton_available', 'triton_dynamic_mix', 'TritonDynamicMix']
+__all__ = ['triton_available', 'triton_dynamic_mix', 'triton_mix_forward', 'TritonDynamicMix']
 
 
 def triton_available() -> bool:
@@ -136,23 +136,40 @@ def _meta(x4: torch.Tensor, r2: torch.Tensor, s: int):
                 IEEE=x4.dtype == torch.float32, num_warps=8)
 
 
+def _prepare(x4, r2, weight, bias):
+    if torch.is_autocast_enabled(x4.device.type):
+        dt = torch.get_autocast_dtype(x4.device.type)
+        x4 = x4.to(dt)
+    if x4.stride(3) != 1:
+        x4 = x4.contiguous()
+    dt = x4.dtype
+    return x4, r2.to(dt).contiguous(), weight.to(dt).contiguous(), bias.to(dt).contiguous()
+
+
+def _forward(x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: int) -> torch.Tensor:
+    bsz, n, l, c = x4.shape
+    out = torch.empty((bsz, n, l, c), dtype=x4.dtype, device=x4.device)
+    _mix_fwd_kernel[(bsz * l,)](
+        x4, r2, weight, bias, out, l, x4.stride(0), x4.stride(1), x4.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), **_meta(x4, r2, s))
+    return out
+
+
+def triton_mix_forward(x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       s: int) -> torch.Tensor:
+    """Forward only (inference, or recomputation): (B, N, L, C) -> (B, N, L, C)."""
+    return _forward(*_prepare(x4, r2, weight, bias), s)
+
+
 class TritonDynamicMix(torch.autograd.Function):
     """Fused generate-normalise-mix; same inputs and output as `fast_mixing.DynamicMix`."""
 
     @staticmethod
     def forward(ctx, x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: int):
-        if x4.stride(3) != 1:
-            x4 = x4.contiguous()
-        dt = x4.dtype
-        r2, weight, bias = r2.to(dt).contiguous(), weight.to(dt).contiguous(), bias.to(dt).contiguous()
-        bsz, n, l, c = x4.shape
-        out = torch.empty((bsz, n, l, c), dtype=dt, device=x4.device)
-        _mix_fwd_kernel[(bsz * l,)](
-            x4, r2, weight, bias, out, l, x4.stride(0), x4.stride(1), x4.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), **_meta(x4, r2, s))
+        x4, r2, weight, bias = _prepare(x4, r2, weight, bias)
         ctx.save_for_backward(x4, r2, weight, bias)
         ctx.s = s
-        return out
+        return _forward(x4, r2, weight, bias, s)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -176,9 +193,9 @@ class TritonDynamicMix(torch.autograd.Function):
 
 def triton_dynamic_mix(x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        s: int) -> torch.Tensor:
-    """(B, N, L, C) tokens mixed along N -> (B, N, L, C); see the module docstring.
+    """(B, N, L, C) tokens mixed along N -> (B, N, L, C), differentiable; see the module docstring.
 
-    Under CUDA autocast everything runs in the autocast dtype (as the plain path's matmul does).
+    Under autocast everything runs in the autocast dtype (as the plain path's matmul does).
     """
     if torch.is_autocast_enabled(x4.device.type):
         dt = torch.get_autocast_dtype(x4.device.type)
