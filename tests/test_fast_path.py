@@ -19,6 +19,22 @@ from dynamixer.model import DynaMixerBlock, DynaMixerOp
 from reference import reference_block, reference_logits, reference_op, make_authors_state_dict
 
 
+@pytest.fixture(autouse=True)
+def _fast_path_for_every_size(monkeypatch):
+    # the library keeps sequences shorter than 16 tokens on the plain path; test the fast one
+    monkeypatch.setattr(dm, 'FAST_PATH_MIN_TOKENS', 1)
+
+
+def test_short_sequences_take_the_plain_path(monkeypatch):
+    monkeypatch.setattr(dm, 'FAST_PATH_MIN_TOKENS', 16)
+    calls = []
+    monkeypatch.setattr(DynaMixerBlock, 'forward_fast', lambda self, x: calls.append(1))
+    DynaMixerBlock(8, (8, 16), 2, 2)(torch.randn(1, 8, 16, 8))
+    assert not calls
+    DynaMixerBlock(8, (16, 16), 2, 2)(torch.randn(1, 16, 16, 8))
+    assert calls
+
+
 def _randomize(module, std=0.5):
     # away from the init so that mixing matrices are far from uniform and every branch matters
     with torch.no_grad():
@@ -167,7 +183,7 @@ def test_model_fast_path_equals_plain_path(monkeypatch, kw):
     y.square().sum().backward()
     fast = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    monkeypatch.setattr(dm, '_fast_path_ok', lambda x, dynamic: False)
+    monkeypatch.setattr(dm, '_fast_path_ok', lambda x, dynamic, seq_len: False)
     y_plain = model(x)
     y_plain.square().sum().backward()
     torch.testing.assert_close(y, y_plain, rtol=1e-10, atol=1e-12)

@@ -103,14 +103,20 @@ def _triton_mixing_available() -> bool:
     return triton_available()
 
 
+# Shorter sequences take the plain path: with N x N matrices of 8 x 8 or smaller the copies the
+# fast path saves are tiny, and its per-matrix bmm calls and last-axis softmax over a handful of
+# elements cost more (dynamixer_nano's blocks measured about 3-6x slower on the CPU).
+FAST_PATH_MIN_TOKENS = 16
+
+
 @torch.jit.unused
-def _fast_path_ok(x: torch.Tensor, dynamic: bool) -> bool:
+def _fast_path_ok(x: torch.Tensor, dynamic: bool, seq_len: int) -> bool:
     """Use the copy-free eager path? Not while tracing or compiling (the plain ops are what FX,
     TorchScript and Inductor handle best), and under autocast only on CUDA with Triton (the
     fused kernel follows the plain path's casts; on the CPU the plain path defines them). On the
     meta device (shape inference, op counting) the plain path's op sequence is the canonical one:
     the fast path spends 3*C*C extra multiply-adds per image and block on the re-weighting mean."""
-    if not dynamic or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+    if not dynamic or seq_len < FAST_PATH_MIN_TOKENS or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
         return False
     if x.device.type not in ('cpu', 'cuda'):
         return False
@@ -195,7 +201,7 @@ class DynaMixerOp(nn.Module):
         return mix_forward(x4, r2, weight, bias, s), recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and _fast_path_ok(x, self.static_logits is None):
+        if not torch.jit.is_scripting() and _fast_path_ok(x, self.static_logits is None, self.seq_len):
             n, c = x.shape[-2], x.shape[-1]
             x4 = x.reshape(-1, n, 1, c)
             out, _ = self.mix_tokens_fast(x4, self.reduce(x4))
@@ -270,7 +276,8 @@ class DynaMixerBlock(nn.Module):
         return self.proj(z.view(bsz, hh, ww, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and _fast_path_ok(x, self.mix_h.static_logits is None):
+        if not torch.jit.is_scripting() and _fast_path_ok(
+                x, self.mix_h.static_logits is None, min(self.mix_h.seq_len, self.mix_w.seq_len)):
             return self.forward_fast(x)
         h = self.mix_h(x.transpose(1, 2)).transpose(1, 2)       # mix along H, per column
         w = self.mix_w(x)                                       # mix along W, per row
