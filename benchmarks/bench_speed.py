@@ -19,6 +19,10 @@ and the running sum of their sizes, in time order, peaks at the step's peak abov
 before it. 'total' adds what was live before the step (weights and AdamW state; gradients are
 freed by zero_grad(set_to_none=True)). On CUDA: torch.cuda.max_memory_allocated.
 
+Time: every call is timed both by the wall clock and by the CPU time of this process
+(time.process_time). On a CPU shared with other work the wall clock mostly measures the share the
+scheduler gives; with --threads 1 the CPU time is the work itself, and is reported first.
+
     python benchmarks/bench_speed.py --models dynamixer_s --rounds 5
     python benchmarks/bench_speed.py --models dynamixer_nano dynamixer_s dynamixer_m dynamixer_l
 """
@@ -29,7 +33,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -48,12 +52,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device, cpu_times: Optional[List[float]] = None) -> float:
+    """Wall-clock seconds of fn(); the process's CPU seconds are appended to `cpu_times`."""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    t1, c1 = time.perf_counter(), time.process_time()
+    if cpu_times is not None:
+        cpu_times.append(c1 - c0)
+    return t1 - t0
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,13 +156,16 @@ def step_peak_bytes(step: TrainStep) -> int:
     return peak
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[], float]:
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[], Tuple[float, float]]:
+    """FLOP/s of an n x n x n matmul: (per wall-clock second, per CPU second of this process)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
 
-    def run() -> float:
-        return 2 * n ** 3 / _timed(lambda: a @ b, device)
+    def run() -> Tuple[float, float]:
+        cpu: List[float] = []
+        wall = _timed(lambda: a @ b, device, cpu)
+        return 2 * n ** 3 / wall, 2 * n ** 3 / cpu[0]
     return run
 
 
@@ -202,15 +213,20 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
             train_fns[k]()
 
     times = {f'{kind}/{k}': [] for kind in ('infer', 'train') for k in variants}
+    cpu = {f'{kind}/{k}': [] for kind in ('infer', 'train') for k in variants}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for k in order:
-            times[f'infer/{k}'].append(bi / _timed(infer_fns[k], device))
-            times[f'train/{k}'].append(bt / _timed(train_fns[k], device))
+            times[f'infer/{k}'].append(bi / _timed(infer_fns[k], device, cpu[f'infer/{k}']))
+            times[f'train/{k}'].append(bt / _timed(train_fns[k], device, cpu[f'train/{k}']))
         mm_rates.append(mm())
         if args.verbose:
             print(f'  round {r}: ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in times.items()), flush=True)
     res['images_per_s'] = {k: median(v) for k, v in times.items()}
+    # images per CPU-second of this process: on a shared CPU, wall-clock time mostly measures the
+    # scheduler's share; with --threads 1 the process's CPU time measures the work itself
+    batch_of = {'infer': bi, 'train': bt}
+    res['images_per_cpu_s'] = {k: median([batch_of[k.split('/')[0]] / c for c in v]) for k, v in cpu.items()}
     res['images_per_s_rounds'] = times
     for kind in ('infer', 'train'):
         for k in variants:
@@ -218,6 +234,8 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
                 continue
             per_round = [a / b for a, b in zip(times[f'{kind}/{k}'], times[f'{kind}/reference'])]
             res.setdefault('speedup', {})[f'{kind}/{k}'] = median(per_round)
+            per_round = [b / a for a, b in zip(cpu[f'{kind}/{k}'], cpu[f'{kind}/reference'])]
+            res.setdefault('speedup_cpu_time', {})[f'{kind}/{k}'] = median(per_round)
 
     if args.memory:
         mem = {}
@@ -255,18 +273,22 @@ def print_tables(results: List[Dict], info: Dict) -> None:
     mm = info['matmul_gflops']
     print(f"\nmatmul rate (median of rounds): {mm:.1f} GFLOP/s; load avg start {info.get('load_avg_start')} "
           f"end {info.get('load_avg_end')}")
-    print('\n| model | variant | inference img/s | ratio | % matmul rate | train img/s | ratio | % matmul rate |')
-    print('|---|---|---|---|---|---|---|---|')
-    for r in results:
-        for k in ('reference', 'library', 'compiled'):
-            if f'infer/{k}' not in r['images_per_s']:
-                continue
-            ips, tps = r['images_per_s'][f'infer/{k}'], r['images_per_s'][f'train/{k}']
-            ri = r.get('speedup', {}).get(f'infer/{k}', 1.0)
-            rt = r.get('speedup', {}).get(f'train/{k}', 1.0)
-            fi = 100 * ips * 2e9 * r['gmacs_per_image'] / (mm * 1e9)
-            ft = 100 * tps * 2e9 * r['train_gmacs_per_image'] / (mm * 1e9)
-            print(f"| {r['model']} | {k} | {ips:.2f} | {ri:.2f}x | {fi:.0f}% | {tps:.2f} | {rt:.2f}x | {ft:.0f}% |")
+    for label, key, ratio_key, rate in (
+            ('CPU time of this process', 'images_per_cpu_s', 'speedup_cpu_time', info['matmul_gflops_cpu_time']),
+            ('wall clock', 'images_per_s', 'speedup', mm)):
+        print(f'\n{label} (matmul rate {rate:.1f} GFLOP/s)')
+        print('\n| model | variant | inference img/s | ratio | % matmul rate | train img/s | ratio | % matmul rate |')
+        print('|---|---|---|---|---|---|---|---|')
+        for r in results:
+            for k in ('reference', 'library', 'compiled'):
+                if f'infer/{k}' not in r[key]:
+                    continue
+                ips, tps = r[key][f'infer/{k}'], r[key][f'train/{k}']
+                ri = r.get(ratio_key, {}).get(f'infer/{k}', 1.0)
+                rt = r.get(ratio_key, {}).get(f'train/{k}', 1.0)
+                fi = 100 * ips * 2e9 * r['gmacs_per_image'] / (rate * 1e9)
+                ft = 100 * tps * 2e9 * r['train_gmacs_per_image'] / (rate * 1e9)
+                print(f"| {r['model']} | {k} | {ips:.2f} | {ri:.2f}x | {fi:.0f}% | {tps:.2f} | {rt:.2f}x | {ft:.0f}% |")
     if any('memory' in r for r in results):
         print('\n| model | variant | step peak above live (MiB) | ratio | live before step (MiB) | total peak (MiB) | ratio |')
         print('|---|---|---|---|---|---|---|')
@@ -317,7 +339,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in args.models:
         print(f'== {name}', flush=True)
         results.append(bench_model(name, args, device, mm_rates, mm))
-    info['matmul_gflops'] = median(mm_rates) / 1e9
+    info['matmul_gflops'] = median([r[0] for r in mm_rates]) / 1e9
+    info['matmul_gflops_cpu_time'] = median([r[1] for r in mm_rates]) / 1e9
     info['load_avg_end'] = os.getloadavg()
     info['args'] = vars(args)
     print_tables(results, info)
