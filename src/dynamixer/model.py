@@ -244,8 +244,10 @@ class DynaMixerBlock(nn.Module):
         """Same function as the plain path, without activation copies (see `fast_mixing`).
 
         Both reductions run as one GEMM; the branches' output projections are linear, so the
-        re-weighting mean is taken before them, and the per-image weights a_h, a_w, a_c are folded
-        into per-image projection weights: h, w and c are never materialised.
+        re-weighting mean is taken before them; `reweighted_sum` folds a_h, a_w, a_c into
+        per-image projection weights (or, with fewer tokens than channels, forms each branch with
+        one GEMM). In training, `DynamicMix` and `ReweightedSum` keep neither the mixing matrices
+        nor h, w, c: they are recomputed in backward.
         """
         bsz, hh, ww, c = x.shape
         x = x.contiguous()
