@@ -532,14 +532,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[s
     """Convert a checkpoint (authors' layout or this project's) for `model`, or explain why not.
 
     Accepts a bare state dict or a training checkpoint dict ('state_dict_ema', 'state_dict', ...),
-    with or without 'module.' prefixes. Raises ValueError naming the mismatch when the weights are
-    for another architecture, size or class count.
+    with or without 'module.' prefixes. Weights trained at another input size are converted: the
+    mixing generators (and static logits) are resampled to this model's token grid (see
+    `dynamixer.resample`). Raises ValueError naming the mismatch when the weights are for another
+    architecture or class count.
     """
+    from .resample import resample_to_shapes  # imported here: resample imports this module
     state_dict = _unwrap_state_dict(state_dict)
     if any(k.startswith(('network.', 'patch_embed.')) for k in state_dict):
         state_dict = _convert_authors_layout(state_dict, model)
 
     expected = model.state_dict()
+    # another input size changes only the token count N of the generators: resample those
+    state_dict = resample_to_shapes(state_dict, {k: v.shape for k, v in expected.items()})
     classifier = ('head.weight', 'head.bias')
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -557,9 +562,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[s
         if unexpected:
             parts.append(f'{len(unexpected)} checkpoint weights the model does not have (first: {unexpected[0]})')
         hint = ''
-        if any('generate' in k for k in wrong_shape):
-            hint = (' The mixing generators differ in size: the checkpoint was trained for another '
-                    'input resolution or token grid.')
+        if any('generate' in k or 'static_logits' in k for k in wrong_shape):
+            # a different token count alone would have been resampled above
+            hint = (' The mixing generators differ in reduced dimension d or segment count, not just '
+                    'in token count: a different variant.')
         raise ValueError(
             f'checkpoint does not fit this model: {"; ".join(parts)}. '
             f'Checkpoint: {_describe(state_dict)}. Model: {_describe(expected)}.{hint} '
