@@ -17,6 +17,7 @@ Module layout (this project's own state-dict keys)::
 and so on, see the spec) to this one.
 """
 import math
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -49,16 +50,24 @@ def token_grids(
     """
     num_down = sum(bool(d) for d in downsamples)
     step = patch_size * 2 ** num_down
+    try:
+        if len(img_size) != 2 or any(isinstance(s, bool) for s in img_size):
+            raise TypeError
+        img_size = tuple(operator.index(s) for s in img_size)  # ints only: 48.0 or '48' are refused
+    except TypeError:
+        raise ValueError(
+            f'img_size must be an int or a pair of ints (height, width); got {img_size!r}.') from None
     if any(s % step != 0 or s < step for s in img_size):
-        near = []
+        near, fits = [], []
         for axis, s in zip(('height', 'width'), img_size):
             lower = (s // step) * step
-            options = [v for v in (lower, lower + step) if v >= step]
+            options = sorted({v for v in (lower, lower + step) if v >= step} or {step}, key=lambda v: (abs(v - s), v))
             near.append(f'{axis} {s}: ' + (str(s) if s % step == 0 and s >= step else ' or '.join(map(str, options))))
+            fits.append(s if s % step == 0 and s >= step else options[0])
         raise ValueError(
             f'img_size {tuple(img_size)} does not fit this architecture: height and width must be '
             f'positive multiples of {step} (patch size {patch_size} x 2^{num_down} transitions). '
-            f'Nearest sizes that work: {"; ".join(near)}.')
+            f'Nearest sizes that work: {"; ".join(near)} (e.g. img_size={tuple(fits)}).')
     grids = []
     h, w = img_size[0] // patch_size, img_size[1] // patch_size
     for down in downsamples:
