@@ -104,7 +104,7 @@ def create(size: int) -> nn.Module:
     return timm.create_model(MODEL, num_classes=10, img_size=size)
 
 
-def variant_state(state: Dict[str, torch.Tensor], size: int, name: str) -> Dict[str, torch.Tensor]:
+def variant_state(state: Dict[str, torch.Tensor], size: int, name: str, seed: int = 0) -> Dict[str, torch.Tensor]:
     """The trained weights prepared for `size` by one of the compared methods."""
     if name == 'linear (default)':
         return resample_state_dict(state, size)
@@ -125,6 +125,7 @@ def variant_state(state: Dict[str, torch.Tensor], size: int, name: str) -> Dict[
     if name == 'nearest':
         return resample_state_dict(state, size, mode='nearest')
     if name == 'random generators':
+        torch.manual_seed(seed)  # the same fresh generators in the zero-shot and fine-tuning tables
         fresh = create(size).state_dict()
         out = dict(state)
         for k, v in fresh.items():
@@ -157,7 +158,7 @@ def run_seed(seed: int, sizes: Sequence[int], epochs: int, ft_steps: Sequence[in
         zero_shot[('resize input to 32 (native model)', size)] = accuracy(model, back, y_te)
         for name in RESAMPLED + ['random generators']:
             m = create(size)
-            m.load_state_dict(variant_state(state, size, name))
+            m.load_state_dict(variant_state(state, size, name, seed))
             zero_shot[(name, size)] = accuracy(m, x_te, y_te)
 
     finetune: Dict[Tuple[str, int], Dict[int, float]] = {}
@@ -165,7 +166,7 @@ def run_seed(seed: int, sizes: Sequence[int], epochs: int, ft_steps: Sequence[in
         x_tr, x_te = to_size(x8_tr, size), to_size(x8_te, size)
         for name in ('linear (default)', 'random generators'):
             m = create(size)
-            m.load_state_dict(variant_state(state, size, name))
+            m.load_state_dict(variant_state(state, size, name, seed))
             finetune[(name, size)] = train(
                 m, x_tr, y_tr, epochs=max(1, math.ceil(max(ft_steps) * batch / len(y_tr))), lr=5e-4,
                 batch=batch, seed=seed + 1000, warmup_epochs=0, eval_fn=lambda: accuracy(m, x_te, y_te), eval_steps=ft_steps)

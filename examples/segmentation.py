@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import timm
 from timm.optim import create_optimizer_v2
 
-import dynamixer  # noqa: F401  (registers the models)
+import dynamixer  # registers the models
+import dynamixer.model
 
 CLASSES = ('background', 'disc', 'square')
 
@@ -80,8 +81,12 @@ class Segmenter(nn.Module):
         super().__init__()
         kwargs = {}
         if checkpoint:
-            # weights trained at any size: checkpoint_filter_fn resamples the generators to img_size
-            kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
+            # weights trained at any size: checkpoint_filter_fn resamples the generators to img_size.
+            # The overlay names the checkpoint's class count so that timm drops its classifier.
+            state = dynamixer.model._unwrap_state_dict(dynamixer.read_checkpoint(checkpoint))
+            head = state.get('head.weight')
+            kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(
+                file=checkpoint, num_classes=head.shape[0] if head is not None else 0))
         self.backbone = timm.create_model(model_name, features_only=True, img_size=img_size, **kwargs)
         self.head = FPNLiteHead(self.backbone.feature_info.channels(), num_classes)
 
