@@ -510,7 +510,7 @@ def test_segmentation_example_learns(trained_like, tmp_path):
 def test_resolution_transfer_script_runs(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
     try:
-        bench = _load_example.__globals__['importlib'].import_module('resolution_transfer')
+        bench = importlib.import_module('resolution_transfer')
     finally:
         sys.path.pop(0)
     out = str(tmp_path / 'table.md')
