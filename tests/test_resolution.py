@@ -15,7 +15,8 @@ import dynamixer
 from dynamixer.checkpoint import load_model
 from dynamixer.model import DynaMixerOp, checkpoint_filter_fn
 from dynamixer.resample import (
-    resample_generator, resample_state_dict, resample_static_logits, resample_to_shapes, resampling_matrix)
+    resample_generator, resample_state_dict, resample_static_logits, resample_to_shapes, resampling_matrix,
+    trained_img_size)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANO = 'dynamixer_nano'  # patch 4, one transition (before stage 2): sizes are multiples of 8
@@ -108,7 +109,7 @@ def test_build_published_variant_at_other_size_meta():
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('size,pattern', [
-    ((50, 30), r'multiples of 8 .*height 50: 48 or 56; width 30: 32 or 24 \(e\.g\. img_size=\(48, 32\)\)'),
+    ((50, 30), r'multiples of 8 .*height 50: 48 or 56; width 30: 24 or 32 \(e\.g\. img_size=\(48, 32\)\)'),
     (36, r'height 36: 32 or 40'),
     (4, r'height 4: 8; width 4: 8'),
     (0, r'height 0: 8'),
@@ -368,7 +369,7 @@ def test_static_mixing_at_other_size(tmp_path):
 
 def test_other_architecture_still_refused(trained_like):
     sd = trained_like.state_dict()
-    with pytest.raises(ValueError, match='reduced dimension d or segment count'):
+    with pytest.raises(ValueError, match=r'shape mismatch.*mix_h\.reduce\.weight.*generate\.weight'):
         checkpoint_filter_fn(sd, _nano(48, reduced_dim=4))
     with pytest.raises(ValueError, match='model weights missing'):
         checkpoint_filter_fn(sd, _nano(48, depths=(2, 2, 3, 2)))
@@ -399,6 +400,26 @@ def test_load_model_at_other_size(trained_like, tmp_path):
     assert all(torch.equal(sd[k], expected[k]) for k in sd)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 3, 48, 40))).all()
+
+
+def test_trained_img_size_read_from_weights(trained_like):
+    assert trained_img_size(trained_like.state_dict()) == (32, 32)
+    assert trained_img_size(_to_authors(_nano((48, 24)).state_dict())) == (48, 24)
+    assert trained_img_size(_nano(16, mixing='static').state_dict()) == (16, 16)
+    with torch.device('meta'):
+        assert trained_img_size(timm.create_model('dynamixer_m', img_size=(448, 224)).state_dict()) == (448, 224)
+    assert trained_img_size({'head.weight': torch.zeros(3, 4)}) is None
+
+
+def test_load_model_bare_state_dict_keeps_its_size(tmp_path):
+    # no config: the variant and the size it was trained at are read from the weights
+    trained = _nano((48, 24))
+    path = _save(tmp_path, trained.state_dict(), 'bare48.pth')
+    model, info = load_model(path)
+    assert info['model'] == NANO and tuple(model.img_size) == (48, 24)
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
+    model, _ = load_model(path, img_size=32)                   # and resampled on request
+    assert tuple(model.img_size) == (32, 32)
 
 
 def test_resampled_op_follows_resampled_input():

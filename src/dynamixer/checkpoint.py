@@ -119,18 +119,13 @@ def check_pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, An
 def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     """The registered DynaMixer variant whose architecture fits these weights (either layout)."""
     import timm
-    from .model import MODEL_ARGS, _unwrap_state_dict, checkpoint_filter_fn
+    from .model import MODEL_ARGS, _unwrap_state_dict, fits
     state_dict = _unwrap_state_dict(dict(state_dict))
-    head = state_dict.get('head.weight')
-    num_classes = head.shape[0] if head is not None else 0
     for name in MODEL_ARGS:
         with torch.device('meta'):
-            model = timm.create_model(name, num_classes=num_classes)
-        try:
-            checkpoint_filter_fn(state_dict, model)
+            model = timm.create_model(name)
+        if fits(state_dict, model):
             return name
-        except ValueError:
-            continue
     return None
 
 
@@ -143,7 +138,9 @@ def load_model(
 
     Works for this project's training checkpoints (which record the model name, its arguments
     and the class names), the authors' checkpoints and bare state dicts / safetensors files (the
-    variant is inferred from the weights' shapes unless `model_name` is given).
+    variant is inferred from the weights' shapes unless `model_name` is given). The model is built
+    at the input size the weights were trained at, or at ``img_size=...`` when given (the mixing
+    generators are then resampled, see `dynamixer.resample`).
 
     Returns (model in eval mode, info) with info keys 'model', 'num_classes', 'class_names'
     (None when the checkpoint has none) and 'config' (the training config, or {}).
@@ -162,6 +159,12 @@ def load_model(
             raise CheckpointError(
                 f'{os.fspath(path)}: the weights fit none of the DynaMixer variants '
                 f'({", ".join(_variants())}); pass the model name explicitly.')
+    if model_kwargs.get('img_size') is None:
+        # build at the size the weights were trained at; img_size=... resamples them for another
+        from .resample import trained_img_size
+        size = trained_img_size(state_dict)
+        if size is not None:
+            model_kwargs['img_size'] = size
     head = state_dict.get('head.weight')
     num_classes = model_kwargs.pop('num_classes', head.shape[0] if head is not None else 1000)
     model = timm.create_model(

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'resampling_matrix', 'resample_generator', 'resample_static_logits', 'resample_state_dict',
-    'resample_to_shapes', 'MODES', 'METHODS', 'TEMPERATURES',
+    'resample_to_shapes', 'trained_img_size', 'MODES', 'METHODS', 'TEMPERATURES',
 ]
 
 MODES = ('linear', 'cubic', 'nearest')
@@ -291,6 +291,32 @@ def _weights_grids(
         return grid[0] if m.group(2) == 'h' else grid[1]
 
     return target_n, layout
+
+
+def trained_img_size(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, int]]:
+    """The input size (H, W) the weights were trained at, read from the first stage's generators
+    and the patch size (either layout; None if the state dict does not say)."""
+    from .model import _unwrap_state_dict
+    sd = _unwrap_state_dict(dict(state_dict))
+    stem = sd.get('stem.proj.weight', sd.get('patch_embed.proj.weight'))
+    if stem is None:
+        return None
+    for prefix in ('stages.0.blocks.0.token_mixer', 'network.0.0.attn'):
+        sizes = []
+        for axis in ('h', 'w'):
+            gen = sd.get(f'{prefix}.mix_{axis}.generate.weight')
+            static = sd.get(f'{prefix}.mix_{axis}.static_logits')
+            if gen is not None and _generator_n(gen.shape) is not None:
+                sizes.append(_generator_n(gen.shape)[0])
+            elif static is not None and static.dim() == 3:
+                sizes.append(static.shape[-1])
+            else:
+                sizes.append(None)
+        if all(sizes):
+            # a transition before the first stage would halve its grid again
+            down = 2 if 'stages.0.downsample.proj.weight' in sd else 1
+            return tuple(int(n) * stem.shape[-1] * down for n in sizes)
+    return None
 
 
 def resample_state_dict(
