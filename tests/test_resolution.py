@@ -540,3 +540,11 @@ def test_resolution_transfer_script_runs(tmp_path, capsys):
     text = open(out).read()
     assert 'baseline: random generators' in text and 'k=2' in text
     assert re.search(r'\| resampled: linear \(default\) \| \d+\.\d \|', text)
+
+
+def test_resample_keeps_dtype():
+    w, b = torch.randn(16, 8, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
+    new_w, new_b = resample_generator(w, b, 6)
+    assert new_w.dtype == new_b.dtype == torch.bfloat16
+    ref_w, ref_b = resample_generator(w.double(), b.double(), 6)
+    torch.testing.assert_close(new_w.double(), ref_w, rtol=1e-2, atol=1e-2)

@@ -144,8 +144,8 @@ def resample_generator(
     if n_new == n:
         return weight, bias
     d = weight.shape[1] // n
-    mo = resampling_matrix(n, n_new, mode)
-    mt = _input_axis_matrix(n, n_new, mode, method)
+    mo = resampling_matrix(n, n_new, mode).to(weight.device)
+    mt = _input_axis_matrix(n, n_new, mode, method).to(weight.device)
     tau = _temperature(n, n_new, temperature)
     w = weight.detach().to(torch.float64).reshape(n, n, n, d)
     # one axis at a time keeps the intermediates at most N'^3 d
@@ -173,7 +173,7 @@ def resample_static_logits(
     n = logits.shape[1]
     if n_new == n:
         return logits
-    mo = resampling_matrix(n, n_new, mode)
+    mo = resampling_matrix(n, n_new, mode).to(logits.device)
     out = mo @ logits.detach().to(torch.float64) @ mo.T
     return (out * _temperature(n, n_new, temperature)).to(logits.dtype)
 
