@@ -203,7 +203,7 @@ def main(argv=None) -> int:
 
     lines = []
     lines.append(f'Zero-shot test accuracy (%) of {MODEL} trained at {NATIVE}x{NATIVE} for {args.epochs} epochs, '
-                 f'mean ± std over seeds {args.seeds} ({len(results[0]["zero_shot"]) and len(args.seeds)} runs); '
+                 f'mean ± std over seeds {args.seeds}; '
                  f'native accuracy at 32x32: {mean_std([r["native"] for r in results])}.')
     lines.append('')
     header = '| weights at the new size | ' + ' | '.join(
@@ -229,8 +229,8 @@ def main(argv=None) -> int:
                 cells = [mean_std([r['finetune'][(name, s)][k] for r in results]) for k in args.ft_steps]
                 lines.append(f'| {s}x{s} | {label} | ' + ' | '.join(cells) + ' |')
     lines.append('')
-    lines.append(f'Measured with torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} CPU '
-                 f'threads ({platform.processor() or platform.machine()}); training at 32x32 took '
+    lines.append(f'Measured with torch {torch.__version__}, timm {timm.__version__}, torch threads: {torch.get_num_threads()} '
+                 f'({platform.processor() or platform.machine()}); training at 32x32 took '
                  f'{mean_std([r["train_s"] for r in results])} s per seed, the whole run {total_s:.0f} s.')
     text = '\n'.join(lines)
     print(text)
