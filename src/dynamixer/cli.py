@@ -11,6 +11,8 @@ from typing import List, Optional
 # name -> (module, one-line help)
 COMMANDS = {
     'info': ('dynamixer.info', 'build every model, check it and print the model table'),
+    'export': ('dynamixer.export', 'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
+    'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
 }
 
 
