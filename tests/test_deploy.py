@@ -204,6 +204,10 @@ def test_safetensors_export_roundtrip(workdir, checkpoint, model):
     assert info['model'] == 'dynamixer_nano' and info['num_classes'] == NUM_CLASSES
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=0)
+    # `dynamixer predict -c nano.safetensors` reads the model and class names from the metadata
+    from dynamixer.predict import load_inference_model
+    _, pinfo = load_inference_model(str(path))
+    assert pinfo['class_names'] == CLASS_NAMES and pinfo['has_class_names']
     via_timm = timm.create_model('dynamixer_nano', pretrained=True, num_classes=NUM_CLASSES,
                                  pretrained_cfg_overlay=dict(file=str(path), num_classes=NUM_CLASSES)).eval()
     torch.testing.assert_close(_logits(via_timm, x), _logits(model, x), rtol=0, atol=0)
@@ -221,19 +225,18 @@ def test_export_reports_failure_beyond_tolerance(onnx_export, checkpoint, monkey
 
 
 def test_class_names_fallbacks(workdir):
+    """Same names as `dynamixer predict`: the checkpoint's, ImageNet's for 1000 classes, else indices."""
     assert class_names_for(3, ['a', 'b', 'c']) == ['a', 'b', 'c']
-    assert class_names_for(3) == ['class_0', 'class_1', 'class_2']
+    assert class_names_for(3) == ['0', '1', '2']
     imagenet = class_names_for(1000)
-    assert len(imagenet) == 1000 and imagenet[0].startswith('tench')
-    with pytest.raises(ValueError, match='2 class names for a 3-class head'):
-        class_names_for(3, ['a', 'b'])
-    # a bare state dict has no class names: the config falls back to class_<i>
+    assert len(imagenet) == 1000 and imagenet[0] == 'tench' and imagenet[1] == 'goldfish'
+    # a bare state dict has no class names
     torch.manual_seed(0)
     bare = timm.create_model('dynamixer_nano', num_classes=4)
     torch.save(bare.state_dict(), workdir / 'bare.pth')
     m, info = load_model(workdir / 'bare.pth')
     cfg = preprocessing_config(m, info['class_names'], info['model'])
-    assert cfg['class_names'] == ['class_0', 'class_1', 'class_2', 'class_3']
+    assert cfg['class_names'] == ['0', '1', '2', '3']
 
 
 def test_unknown_format_and_missing_sidecar(workdir, checkpoint):
@@ -479,11 +482,41 @@ def test_predict_onnx_matches_pytorch(onnx_export, model, image_files):
     from PIL import Image
     results = predict_onnx(onnx_export[0], image_files, topk=3, batch_size=2)
     transform = eval_transform(load_preprocessing(onnx_export[0]))
-    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in image_files])
+    x = torch.stack([transform(Image.open(p)) for p in image_files])
     with torch.no_grad():
         probs = model(x).softmax(-1)
     top = probs.topk(3, dim=-1)
     assert len(results) == len(image_files)
     for res, p, idx in zip(results, top.values, top.indices):
-        assert [name for name, _ in res] == [CLASS_NAMES[i] for i in idx]
-        assert [prob for _, prob in res] == pytest.approx(p.tolist(), abs=1e-4)
+        assert [i for i, _, _ in res] == idx.tolist()
+        assert [name for _, name, _ in res] == [CLASS_NAMES[i] for i in idx]
+        assert [prob for _, _, prob in res] == pytest.approx(p.tolist(), abs=1e-4)
+
+
+def test_predict_cli_onnx_same_as_pytorch(onnx_export, checkpoint, image_files):
+    """`dynamixer predict --onnx` prints the classes and probabilities of `dynamixer predict -c`."""
+    images = [str(p) for p in image_files]
+    rc_pt, out_pt = _run_cli('predict', *images, '-c', checkpoint, '-k', '4', '--json')
+    rc_ox, out_ox = _run_cli('predict', *images, '--onnx', onnx_export[0], '-k', '4', '--json')
+    assert rc_pt == 0 and rc_ox == 0
+    pt, ox = json.loads(out_pt), json.loads(out_ox)
+    assert [r['image'] for r in ox] == images
+    for a, b in zip(pt, ox):
+        assert [t['class'] for t in a['top']] == [t['class'] for t in b['top']]
+        assert [t['index'] for t in a['top']] == [t['index'] for t in b['top']]
+        assert [t['probability'] for t in b['top']] == pytest.approx([t['probability'] for t in a['top']], abs=1e-4)
+    # and the text output, probabilities rounded to 0.01 %, is the same
+    _, text_pt = _run_cli('predict', *images, '-c', checkpoint, '-k', '4')
+    _, text_ox = _run_cli('predict', *images, '--onnx', onnx_export[0], '-k', '4')
+    assert text_ox == text_pt
+
+
+def test_predict_cli_onnx_errors(onnx_export, workdir, image_files, capsys):
+    rc, _ = _run_cli('predict', str(image_files[0]), '--onnx', workdir / 'missing.onnx')
+    assert rc == 2 and 'ONNX file not found' in capsys.readouterr().err
+    lone = workdir / 'copy.onnx'
+    shutil.copy(onnx_export[0], lone)
+    rc, _ = _run_cli('predict', str(image_files[0]), '--onnx', lone)
+    assert rc == 2 and 'copy.onnx.preprocessing.json not found' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # exactly one of -c / --onnx
+        _run_cli('predict', str(image_files[0]))

@@ -27,7 +27,8 @@ PathLike = Union[str, os.PathLike]
 __all__ = [
     'FORMATS', 'PREPROCESSING_SUFFIX', 'class_names_for', 'preprocessing_config', 'preprocessing_path',
     'sample_images', 'eval_transform', 'export_onnx', 'export_torchscript', 'export_safetensors',
-    'check_onnx', 'check_torchscript', 'export_checkpoint', 'load_preprocessing', 'predict_onnx',
+    'check_onnx', 'check_torchscript', 'export_checkpoint', 'load_preprocessing', 'OnnxClassifier',
+    'predict_onnx',
 ]
 
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'safetensors': '.safetensors'}
@@ -41,16 +42,10 @@ DEFAULT_OPSET = 18
 # --------------------------------------------------------------------------------------------
 
 def class_names_for(num_classes: int, class_names: Optional[Sequence[str]] = None) -> List[str]:
-    """The checkpoint's class names; ImageNet-1k descriptions for 1000 classes; else 'class_<i>'."""
-    if class_names is not None:
-        if len(class_names) != num_classes:
-            raise ValueError(
-                f'the checkpoint lists {len(class_names)} class names for a {num_classes}-class head')
-        return [str(c) for c in class_names]
-    if num_classes == 1000:
-        from timm.data import ImageNetInfo
-        return list(ImageNetInfo('imagenet-1k').label_descriptions())
-    return [f'class_{i}' for i in range(num_classes)]
+    """The names `dynamixer predict` shows: the checkpoint's; ImageNet-1k names for a 1000-class
+    head without; else '0', '1', ... (shared with predict, so both paths print the same)."""
+    from .predict import class_names_for as _names
+    return _names(num_classes, class_names)
 
 
 def preprocessing_config(
@@ -94,12 +89,14 @@ def load_preprocessing(model_path: PathLike) -> Dict[str, Any]:
 
 
 def eval_transform(config: Dict[str, Any]):
-    """timm's eval transform (resize, center crop, normalise) for a preprocessing config."""
+    """timm's eval transform (RGB, resize by crop_pct, center crop, normalise) for a preprocessing
+    config; the same transform `dynamixer.data.eval_transform(model)` builds from the model."""
     from timm.data import create_transform
-    return create_transform(
+    from .data import _with_rgb
+    return _with_rgb(create_transform(
         input_size=tuple(config['input_size']), is_training=False, mean=tuple(config['mean']),
         std=tuple(config['std']), crop_pct=config['crop_pct'], crop_mode=config.get('crop_mode', 'center'),
-        interpolation=config['interpolation'])
+        interpolation=config['interpolation']))
 
 
 def sample_images(num_digits: int = 4) -> list:
@@ -242,7 +239,9 @@ def export_checkpoint(
         export_torchscript(model, output, extra_files={'preprocessing.json': config_text})
         check = check_torchscript
     else:
-        meta['model_kwargs'] = json.dumps(info['config'].get('model_kwargs') or {})
+        # the metadata `dynamixer train` writes (read back by `dynamixer predict`), plus preprocessing
+        meta.update(format='dynamixer', class_names=json.dumps(config['class_names']),
+                    model_kwargs=json.dumps(info['config'].get('model_kwargs') or {}))
         export_safetensors(model, output, metadata=meta)
         check = None
 
@@ -262,39 +261,47 @@ def export_checkpoint(
 # Prediction from an exported ONNX file (ONNX Runtime, no PyTorch model needed)
 # --------------------------------------------------------------------------------------------
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+class OnnxClassifier:
+    """An exported ONNX file with its preprocessing JSON, run by ONNX Runtime.
+
+    `transform` maps a PIL image to a (C, H, W) tensor, `logits` a (B, C, H, W) batch to
+    (B, num_classes) logits; `class_names` lists the names of the classes.
+    """
+
+    def __init__(self, onnx_path: PathLike):
+        import onnxruntime as ort
+        if not Path(onnx_path).is_file():
+            raise FileNotFoundError(f'ONNX file not found: {onnx_path}')
+        self.config = load_preprocessing(onnx_path)
+        self.transform = eval_transform(self.config)
+        self.class_names = class_names_for(self.config['num_classes'], self.config.get('class_names'))
+        self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
+        self._input = self.config.get('input_name', INPUT_NAME)
+        self._output = self.config.get('output_name', OUTPUT_NAME)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.session.run([self._output], {self._input: batch.numpy().astype(np.float32)})[0]
+        return torch.from_numpy(out)
 
 
 def predict_onnx(
         onnx_path: PathLike,
         image_paths: Sequence[PathLike],
         topk: int = 5,
-        batch_size: int = 16,
-) -> List[List[Tuple[str, float]]]:
-    """Top-k (class name, probability) per image, from an exported ONNX file and its preprocessing JSON."""
-    import onnxruntime as ort
-    from PIL import Image
-    config = load_preprocessing(onnx_path)
-    transform = eval_transform(config)
-    names = config['class_names']
-    k = min(topk, len(names))
-    session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
-    results: List[List[Tuple[str, float]]] = []
-    paths = list(image_paths)
+        batch_size: int = 32,
+) -> List[List[Tuple[int, str, float]]]:
+    """Top-k (index, class name, probability) per image from an exported ONNX file, with the
+    preprocessing and ranking of `dynamixer predict`. Raises DataError for unreadable images."""
+    from .data import DataError
+    from .predict import preprocess, topk as rank
+    clf = OnnxClassifier(onnx_path)
+    results: List[List[Tuple[int, str, float]]] = []
+    paths = [os.fspath(p) for p in image_paths]
     for start in range(0, len(paths), batch_size):
-        batch = []
-        for p in paths[start:start + batch_size]:
-            with Image.open(p) as im:
-                batch.append(transform(im.convert('RGB')).numpy())
-        logits = session.run([config.get('output_name', OUTPUT_NAME)],
-                             {config.get('input_name', INPUT_NAME): np.stack(batch)})[0]
-        probs = _softmax(logits.astype(np.float64))
-        for row in probs:
-            top = np.argsort(-row, kind='stable')[:k]
-            results.append([(names[i], float(row[i])) for i in top])
+        batch, _, failed = preprocess(paths[start:start + batch_size], clf.transform)
+        if failed:
+            raise DataError('; '.join(e for _, e in failed))
+        results += rank(clf.logits(batch).softmax(dim=-1), clf.class_names, topk)
     return results
 
 

@@ -3,7 +3,8 @@
 The pieces are separate so other back-ends (e.g. ONNX Runtime) reuse them:
 ``load_inference_model`` (checkpoint -> model, class names), ``preprocess`` (image files -> batch
 tensor with the model's eval transform), ``topk`` / ``format_predictions`` (probabilities ->
-ranked class names -> text).
+ranked class names -> text). ``--onnx FILE`` runs an exported ONNX file instead
+(``dynamixer.export.OnnxClassifier``) through the same preprocessing and ranking.
 """
 from __future__ import annotations
 
@@ -107,8 +108,12 @@ def format_predictions(paths: Sequence[str], ranked: Sequence[Sequence[Tuple[int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
-    parser.add_argument('-c', '--checkpoint', required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('-c', '--checkpoint',
                         help="a checkpoint: this project's (.pth), the authors', or .safetensors")
+    source.add_argument('--onnx', metavar='FILE',
+                        help='an ONNX file from `dynamixer export` (with its .preprocessing.json), run '
+                             'by ONNX Runtime instead of PyTorch')
     parser.add_argument('--model', default=None, help='model name, when the checkpoint does not record it')
     parser.add_argument('-k', '--top-k', type=int, default=5, help='how many classes to show per image')
     parser.add_argument('--batch-size', type=int, default=32)
@@ -117,12 +122,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        model, info = load_inference_model(args.checkpoint, args.model)
+        if getattr(args, 'onnx', None):
+            from .export import OnnxClassifier  # preprocessing and class names from the export's JSON
+            clf = OnnxClassifier(args.onnx)
+            model, transform, names = clf.logits, clf.transform, clf.class_names
+        else:
+            model, info = load_inference_model(args.checkpoint, args.model)
+            transform = eval_transform(model)
+            names = info['class_names']
     except (CheckpointError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    transform = eval_transform(model)
-    names = info['class_names']
     all_paths: List[str] = []
     all_ranked: List[Any] = []
     failed_all: List[Tuple[str, str]] = []
