@@ -33,6 +33,13 @@ CITATION = """@inproceedings{wang2022dynamixer,
 }"""
 
 
+# training-config entries about the machine or the run folder, not the recipe
+_NOT_RECIPE = {
+    'model', 'output', 'device', 'threads', 'workers', 'progress', 'tensorboard', 'save_safetensors',
+    'save_rank_weights', 'dataset_download', 'bad_images', 'resume', 'print_config', 'config',
+}
+
+
 def count_macs(model: torch.nn.Module) -> int:
     """Multiply-adds of one forward pass at the model's input size (torch's FLOP counter / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -130,11 +137,16 @@ def model_card(model: torch.nn.Module, info: Dict[str, Any], repo_id: Optional[s
     dataset = _find(config, 'dataset', 'data_name')
     if dataset:
         details['Dataset'] = str(dataset)
+    # accuracy and loss only (`dynamixer train` also records lr, speed and a per-epoch history)
+    metrics = {k: v for k, v in _flatten(metrics)
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and any(t in k.lower() for t in ('top1', 'top5', 'acc', 'loss'))}
     if metrics:
-        details['Measured accuracy'] = {k: _fmt(v) for k, v in _flatten(metrics)}
+        details['Measured accuracy'] = {k: _fmt(v) for k, v in metrics.items()}
     else:
         details['Measured accuracy'] = 'not recorded in the checkpoint'
-    recipe = {k: _fmt(v) for k, v in _flatten(config) if not k.startswith('model_kwargs.') and k != 'model'}
+    recipe = {k: _fmt(v) for k, v in _flatten(config)
+              if v is not None and not k.startswith('model_kwargs.') and k not in _NOT_RECIPE}
     if 'epoch' in info:
         recipe['epochs completed'] = info['epoch']
     details['Training recipe'] = recipe or 'not recorded in the checkpoint'
