@@ -86,7 +86,7 @@ def test_imagenet_recipes_follow_the_paper():
         assert c['clip_grad'] is None
     t = resolve_config('transfer')
     assert (t['opt'], t['lr'], t['momentum'], t['weight_decay'], t['batch_size'], t['epochs']) == \
-        ('sgd', 0.01, 0.9, 5e-4, 128, 60)
+        ('momentum', 0.01, 0.9, 5e-4, 128, 60)
     assert t['body_lr_scale'] == 0.01 and t['new_head'] and t['img_size'] == 224
 
 
@@ -472,3 +472,98 @@ def test_predict_imagenet_names_for_1000_classes(tmp_path, capsys):
     from timm.data import ImageNetInfo
     names = [d.split(',')[0] for d in ImageNetInfo().label_descriptions()]
     assert all(t['class'] == names[t['index']] for t in top) and 'tench' in names[0]
+
+
+# ---- optimisation options -----------------------------------------------------------------------
+
+NO_RANDOM_AUG = dict(auto_augment='none', hflip=0.0, scale=[1.0, 1.0], ratio=[1.0, 1.0], color_jitter=0.0,
+                     reprob=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0)
+
+
+def test_gradient_accumulation_matches_one_big_batch(folder, tmp_path):
+    a = train(config(tmp_path / 'a', batch_size=8, grad_accum=1, **NO_RANDOM_AUG), data=str(folder))
+    b = train(config(tmp_path / 'b', batch_size=8, grad_accum=2, **NO_RANDOM_AUG), data=str(folder))
+    wa, wb = weights(os.path.join(a['output'], 'last.pth')), weights(os.path.join(b['output'], 'last.pth'))
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert diff < 1e-5 and any(not torch.equal(wa[k], wb[k]) or True for k in wa)
+
+
+def test_gradient_clipping_bounds_the_update(folder, tmp_path):
+    import timm
+    torch.manual_seed(0)
+    w0 = timm.create_model('dynamixer_nano', num_classes=2).state_dict()
+    c = config(tmp_path, opt='momentum', momentum=0.0, weight_decay=0.0, lr=1.0, batch_size=16, clip_grad=1e-3,
+               **NO_RANDOM_AUG)
+    train(c, data=str(folder))  # one update
+    w1 = weights(os.path.join(c['output'], 'last.pth'))
+    step = torch.sqrt(sum(((w1[k] - w0[k]).double() ** 2).sum() for k in w0 if w0[k].is_floating_point()))
+    assert step.item() == pytest.approx(1e-3, rel=1e-3)  # lr x clipped gradient norm
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_on_cpu(folder, tmp_path, amp):
+    r = train(config(tmp_path, amp=amp), data=str(folder))
+    ck = read_checkpoint(os.path.join(r['output'], 'last.pth'))
+    assert np.isfinite(r['history'][-1]['train_loss'])
+    assert (ck['scaler'] is not None) == (amp == 'fp16')
+    assert all(v.dtype == torch.float32 for v in ck['state_dict'].values() if v.is_floating_point())
+
+
+def test_transfer_recipe_new_head_and_body_lr(trained, tmp_path):
+    import timm
+    from dynamixer.train import _load_pretrained
+    ckpt = os.path.join(trained['output'], 'last.pth')
+    three = make_folder(tmp_path / 'three', classes=('a', 'b', 'c'), n_train=4, n_val=2)
+    model = timm.create_model('dynamixer_nano', num_classes=3)
+    _load_pretrained(model, ckpt, new_head=True)
+    src = read_checkpoint(ckpt)['state_dict']
+    body = [k for k in src if not k.startswith('head.')]
+    assert all(torch.equal(model.state_dict()[k], src[k]) for k in body) and model.head.out_features == 3
+    c = resolve_config('transfer', overrides=dict(
+        model='dynamixer_nano', img_size=32, pretrained=ckpt, epochs=1, batch_size=4, workers=0, threads=1,
+        progress=False, output=str(tmp_path / 'run')))
+    r = train(c, data=str(three))
+    groups = read_checkpoint(os.path.join(r['output'], 'last.pth'))['optimizer']['param_groups']
+    head_lr = {g['lr'] for g in groups if g['lr_scale'] == 1.0}
+    body_lr = {g['lr'] for g in groups if g['lr_scale'] == 0.01}
+    assert len(head_lr) == 1 and len(body_lr) == 1
+    assert body_lr.pop() == pytest.approx(0.01 * head_lr.pop())
+    assert {g['weight_decay'] for g in groups} == {0.0, 5e-4}
+    with pytest.raises(CheckpointError, match='cannot start from these weights'):
+        _load_pretrained(timm.create_model('dynamixer_nano', num_classes=3), ckpt, new_head=False)
+
+
+# ---- several processes --------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(folder, tmp_path):
+    """torchrun, 2 CPU processes (gloo), global batch 8 = 2 x 4: both ranks end with the same weights,
+    equal to one process with batch 8 (random augmentation off)."""
+    from safetensors.torch import load_file
+    flags = ['--model', 'dynamixer_nano', '--recipe', 'scratch', '--epochs', '2', '--batch-size', '8',
+             '--opt', 'momentum', '--lr', '0.05',
+             '--workers', '0', '--threads', '1', '--no-progress', '--warmup-epochs', '0',
+             '--auto-augment', 'none', '--hflip', '0', '--scale', '1', '1', '--ratio', '1', '1',
+             '--color-jitter', '0', '--drop-path', '0', '--save-rank-weights']
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
+           '--master_port', str(_free_port()), '-m', 'dynamixer', 'train', str(folder),
+           '--output', str(tmp_path / 'ddp'), *flags]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert '2 process(es) on cpu, batch 8 = 2 x 1 x 4' in p.stderr
+    r0 = load_file(str(tmp_path / 'ddp' / 'rank0.safetensors'))
+    r1 = load_file(str(tmp_path / 'ddp' / 'rank1.safetensors'))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert cli_main(['train', str(folder), '--output', str(tmp_path / 'one'), *flags]) == 0
+    one = load_file(str(tmp_path / 'one' / 'rank0.safetensors'))
+    diff = max((one[k] - r0[k]).abs().max().item() for k in one)
+    change = max((one[k] - weights(str(tmp_path / 'one' / 'last.pth'))[k]).abs().max().item() for k in one)
+    print(f'2 processes vs 1: max abs weight difference {diff:.3g}')
+    assert change == 0.0
+    assert diff < 1e-5

@@ -100,8 +100,11 @@ class RunLog:
     def progress(self, total: int, desc: str, show: bool = True):
         if not (self.enabled and show):
             return _NoBar()
+        import sys
         from tqdm import tqdm
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit='step')
+        # redirected to a file: a line every 30 s rather than a flood of carriage returns
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit='step', mininterval=interval)
 
     @staticmethod
     def advance(bar, loss: float, lr: float, ips: float) -> None:
