@@ -567,3 +567,31 @@ def test_two_processes_match_one(folder, tmp_path):
     print(f'2 processes vs 1: max abs weight difference {diff:.3g}')
     assert change == 0.0
     assert diff < 1e-5
+
+
+# ---- the embedded default and torch.compile (slow) ------------------------------------------------
+
+@pytest.mark.slow
+def test_embedded_digits_default_reaches_95_percent(tmp_path):
+    """`dynamixer train` with no arguments: dynamixer_nano on the bundled digits, >= 95% top-1."""
+    import re
+    import time
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, '-m', 'dynamixer', 'train', '--no-progress'], cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=SRC), capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = re.search(r'validation accuracy: ([\d.]+)% top-1', p.stdout)
+    assert m, p.stdout
+    print(f'digits default: {float(m.group(1)):.2f}% top-1 in {seconds:.0f} s, load {os.getloadavg()}')
+    assert float(m.group(1)) >= 95.0
+    assert os.path.exists(tmp_path / 'runs' / 'digits-dynamixer_nano' / 'curves.png')
+
+
+@pytest.mark.slow
+def test_compile(folder, tmp_path):
+    # aot_eager traces forward and backward like inductor but skips C++ code generation (minutes on CPU)
+    r = train(config(tmp_path, compile=True, compile_backend='aot_eager'), data=str(folder))
+    assert np.isfinite(r['history'][-1]['train_loss'])
+    ck = read_checkpoint(os.path.join(r['output'], 'last.pth'))
+    assert not any(k.startswith('_orig_mod') for k in ck['state_dict'])

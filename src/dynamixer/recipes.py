@@ -75,6 +75,7 @@ OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
     # runtime
     'amp': ('auto', str, "mixed precision: 'auto' (bf16 or fp16 on GPUs, off on CPUs), 'bf16', 'fp16', 'none'"),
     'compile': (False, bool, 'torch.compile the model'),
+    'compile_backend': ('inductor', str, "torch.compile backend ('inductor'; 'aot_eager' compiles without code generation)"),
     'device': ('auto', str, "'auto', 'cpu', 'cuda'"),
     'threads': (0, int, 'CPU threads per process (0: all cores / processes per node); 1 is fastest on a busy machine'),
     'seed': (0, int, 'random seed (same seed, same data, same run)'),

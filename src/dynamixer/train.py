@@ -374,7 +374,7 @@ def train(
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if config['compile']:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=config['compile_backend'])
 
     output = config['output'] or (os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config))
     config['output'] = output
@@ -478,6 +478,7 @@ def train(
         save_safetensors(raw_model, os.path.join(output, f'rank{rank}.safetensors'), config, class_names)
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
     return dict(history=log.history, output=output, rank=rank, world=world,
                 seconds=time.perf_counter() - start_time, class_names=class_names)
 
