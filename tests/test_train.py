@@ -545,6 +545,9 @@ def test_two_processes_match_one(folder, tmp_path):
     """torchrun, 2 CPU processes (gloo), global batch 8 = 2 x 4: both ranks end with the same weights,
     equal to one process with batch 8 (random augmentation off)."""
     from safetensors.torch import load_file
+    data = tmp_path / 'data'
+    shutil.copytree(folder, data)
+    _add_bad_files(data / 'train' / 'b')  # found by the two processes' shared scan, skipped by both
     flags = ['--model', 'dynamixer_nano', '--recipe', 'scratch', '--epochs', '2', '--batch-size', '8',
              '--opt', 'momentum', '--lr', '0.05',
              '--workers', '0', '--threads', '1', '--no-progress', '--warmup-epochs', '0',
@@ -552,21 +555,22 @@ def test_two_processes_match_one(folder, tmp_path):
              '--color-jitter', '0', '--drop-path', '0', '--save-rank-weights']
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-           '--master_port', str(_free_port()), '-m', 'dynamixer', 'train', str(folder),
+           '--master_port', str(_free_port()), '-m', 'dynamixer', 'train', str(data),
            '--output', str(tmp_path / 'ddp'), *flags]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert '2 process(es) on cpu, batch 8 = 2 x 1 x 4' in p.stderr
+    assert '2 process(es) on cpu, batch 8 = 2 x 1 x 4' in p.stderr and 'skipping 4 of 20 images' in p.stderr
     r0 = load_file(str(tmp_path / 'ddp' / 'rank0.safetensors'))
     r1 = load_file(str(tmp_path / 'ddp' / 'rank1.safetensors'))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert cli_main(['train', str(folder), '--output', str(tmp_path / 'one'), *flags]) == 0
+    assert cli_main(['train', str(data), '--output', str(tmp_path / 'one'), *flags]) == 0
     one = load_file(str(tmp_path / 'one' / 'rank0.safetensors'))
     diff = max((one[k] - r0[k]).abs().max().item() for k in one)
     change = max((one[k] - weights(str(tmp_path / 'one' / 'last.pth'))[k]).abs().max().item() for k in one)
-    print(f'2 processes vs 1: max abs weight difference {diff:.3g}')
+    scale = max(one[k].abs().max().item() for k in one)
+    print(f'2 processes vs 1: max abs weight difference {diff:.3g} (largest weight {scale:.3g})')
     assert change == 0.0
-    assert diff < 1e-5
+    assert diff < 1e-6  # SGD: float rounding only (AdamW amplifies it where gradients are ~0)
 
 
 # ---- the embedded default and torch.compile (slow) ------------------------------------------------
