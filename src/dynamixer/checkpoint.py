@@ -119,18 +119,13 @@ def check_pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, An
 def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     """The registered DynaMixer variant whose architecture fits these weights (either layout)."""
     import timm
-    from .model import MODEL_ARGS, _unwrap_state_dict, checkpoint_filter_fn
+    from .model import MODEL_ARGS, _unwrap_state_dict, fits
     state_dict = _unwrap_state_dict(dict(state_dict))
-    head = state_dict.get('head.weight')
-    num_classes = head.shape[0] if head is not None else 0
     for name in MODEL_ARGS:
         with torch.device('meta'):
-            model = timm.create_model(name, num_classes=num_classes)
-        try:
-            checkpoint_filter_fn(state_dict, model)
+            model = timm.create_model(name)
+        if fits(state_dict, model):
             return name
-        except ValueError:
-            continue
     return None
 
 

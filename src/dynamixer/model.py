@@ -501,7 +501,7 @@ def _convert_authors_layout(state_dict: Dict[str, torch.Tensor], model: DynaMixe
             if prefix not in stage_map:
                 raise ValueError(
                     f'checkpoint entry {k!r} belongs to network.{idx}, but this model has only '
-                    f'{len(stage_map)} stages and transitions: it is a different architecture.')
+                    f'{len(stage_map)} stages and transitions')
             # a transition's 'network.i.proj.*' becomes 'stages.k.downsample.proj.*'
             k = stage_map[prefix] + k[len(prefix):]
             for old, new in _AUTHORS_RENAMES:
@@ -511,21 +511,85 @@ def _convert_authors_layout(state_dict: Dict[str, torch.Tensor], model: DynaMixe
 
 
 def _describe(state_dict: Dict[str, torch.Tensor]) -> str:
-    """Architecture summary read from a state dict in this project's layout."""
-    depths: Dict[int, int] = {}
-    widths: Dict[int, int] = {}
+    """Architecture summary (layers and width per stage, transitions, classes) of a state dict in
+    either layout, for error messages."""
+    authors = any(k.startswith('network.') for k in state_dict)
+    stages: Dict[int, Dict[str, int]] = {}  # position -> depth, width, transition flag
     for k, v in state_dict.items():
         parts = k.split('.')
-        if len(parts) > 4 and parts[0] == 'stages' and parts[2] == 'blocks':
-            i, j = int(parts[1]), int(parts[3])
-            depths[i] = max(depths.get(i, 0), j + 1)
-            if parts[4] == 'norm1' and parts[-1] == 'weight':
-                widths[i] = v.shape[0]
-    stages = sorted(depths)
+        if authors and parts[0] == 'network' and len(parts) > 2:
+            pos = int(parts[1])
+            if parts[2] == 'proj':                     # a transition in the flat list
+                stages.setdefault(pos, {})['transition'] = 1
+            elif parts[2].isdigit():
+                st = stages.setdefault(pos, {})
+                st['depth'] = max(st.get('depth', 0), int(parts[2]) + 1)
+                if parts[3] == 'norm1' and parts[-1] == 'weight':
+                    st['width'] = v.shape[0]
+        elif not authors and parts[0] == 'stages' and len(parts) > 3:
+            st = stages.setdefault(int(parts[1]), {})
+            if parts[2] == 'downsample':
+                st['down'] = 1
+            elif parts[2] == 'blocks' and parts[3].isdigit():
+                st['depth'] = max(st.get('depth', 0), int(parts[3]) + 1)
+                if parts[4] == 'norm1' and parts[-1] == 'weight':
+                    st['width'] = v.shape[0]
+    depths, widths, transitions, pending = [], [], [], False
+    for pos in sorted(stages):
+        st = stages[pos]
+        if st.get('transition'):
+            pending = True
+            continue
+        if pending or st.get('down'):
+            transitions.append(len(depths) + 1)
+        pending = False
+        depths.append(st.get('depth', 0))
+        widths.append(st.get('width', -1))
     head = state_dict.get('head.weight')
     classes = f', {head.shape[0]} classes' if head is not None else ''
-    return (f'depths {tuple(depths[i] for i in stages)}, '
-            f'widths {tuple(widths.get(i, -1) for i in stages)}{classes}')
+    return (f'layers per stage {tuple(depths)}, widths {tuple(widths)}, '
+            f'transition before stage {", ".join(map(str, transitions)) or "-"}{classes}')
+
+
+def _mismatch(state_dict: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> Optional[str]:
+    """What keeps `state_dict` (our layout) from loading into a model with `expected`; None if it fits.
+    The classifier may differ (a new head)."""
+    classifier = ('head.weight', 'head.bias')
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        k for k in expected
+        if k in state_dict and k not in classifier and state_dict[k].shape != expected[k].shape]
+    if not (missing or unexpected or wrong_shape):
+        return None
+    parts = []
+    if wrong_shape:
+        parts.append('shape mismatch for ' + ', '.join(
+            f'{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})'
+            for k in wrong_shape[:3]) + (f' and {len(wrong_shape) - 3} more' if len(wrong_shape) > 3 else ''))
+    if missing:
+        parts.append(f'{len(missing)} model weights missing from the checkpoint (first: {missing[0]})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} checkpoint weights the model does not have (first: {unexpected[0]})')
+    if wrong_shape and all('generate' in k or 'static_logits' in k for k in wrong_shape):
+        parts.append('only the mixing generators differ in size: the checkpoint was trained for '
+                     'another input resolution')
+    return '; '.join(parts)
+
+
+def _convert(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[str, torch.Tensor]:
+    state_dict = _unwrap_state_dict(state_dict)
+    if any(k.startswith(('network.', 'patch_embed.')) for k in state_dict):
+        state_dict = _convert_authors_layout(state_dict, model)
+    return state_dict
+
+
+def fits(state_dict: Dict[str, Any], model: DynaMixer) -> bool:
+    """Whether the weights (either layout) have this model's architecture (the head may differ)."""
+    try:
+        return _mismatch(_convert(state_dict, model), model.state_dict()) is None
+    except ValueError:
+        return False
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[str, torch.Tensor]:
@@ -535,38 +599,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[s
     with or without 'module.' prefixes. Raises ValueError naming the mismatch when the weights are
     for another architecture, size or class count.
     """
-    state_dict = _unwrap_state_dict(state_dict)
-    if any(k.startswith(('network.', 'patch_embed.')) for k in state_dict):
-        state_dict = _convert_authors_layout(state_dict, model)
-
-    expected = model.state_dict()
-    classifier = ('head.weight', 'head.bias')
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [
-        k for k in expected
-        if k in state_dict and k not in classifier and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if wrong_shape:
-            parts.append('shape mismatch for ' + ', '.join(
-                f'{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})'
-                for k in wrong_shape[:3]) + (f' and {len(wrong_shape) - 3} more' if len(wrong_shape) > 3 else ''))
-        if missing:
-            parts.append(f'{len(missing)} model weights missing from the checkpoint (first: {missing[0]})')
-        if unexpected:
-            parts.append(f'{len(unexpected)} checkpoint weights the model does not have (first: {unexpected[0]})')
-        hint = ''
-        if any('generate' in k for k in wrong_shape):
-            hint = (' The mixing generators differ in size: the checkpoint was trained for another '
-                    'input resolution or token grid.')
+    raw = _unwrap_state_dict(state_dict)
+    try:
+        state_dict = _convert(raw, model)
+        problem = _mismatch(state_dict, model.state_dict())
+    except ValueError as e:
+        problem = str(e)
+    if problem is not None:
+        from .checkpoint import infer_variant
+        guess = infer_variant(raw)
+        guess = f' It fits {guess}.' if guess else ''
         raise ValueError(
-            f'checkpoint does not fit this model: {"; ".join(parts)}. '
-            f'Checkpoint: {_describe(state_dict)}. Model: {_describe(expected)}.{hint} '
-            f'Build the model the checkpoint was trained as (see dynamixer.list_models()).')
+            f'checkpoint does not fit this model: {problem}. Checkpoint: {_describe(raw)}. '
+            f'Model: {_describe(model.state_dict())}.{guess} Build the model the checkpoint was '
+            f'trained as (names: dynamixer.list_models()).')
 
     head_w = state_dict.get('head.weight')
-    if head_w is not None and 'head.weight' in expected and head_w.shape != expected['head.weight'].shape:
+    expected_head = model.state_dict().get('head.weight')
+    if head_w is not None and expected_head is not None and head_w.shape != expected_head.shape:
         cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes', model.num_classes)
         if cfg_classes == model.num_classes:
             # timm would try to load this head and fail with a bare size-mismatch error
