@@ -80,6 +80,18 @@ def scan_images(paths: Sequence[str], workers: int = 8) -> List[Tuple[str, str]]
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
+def _scan_shared(paths: Sequence[str]) -> List[Tuple[str, str]]:
+    """scan_images, split over the processes of a distributed run (each decodes 1/world of the files)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return scan_images(paths)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts: List[Any] = [None] * world
+    dist.all_gather_object(parts, scan_images(paths[rank::world]))
+    bad = {p: r for part in parts for p, r in part}
+    return [(p, bad[p]) for p in paths if p in bad]
+
+
 # ---- image folders ------------------------------------------------------------------------------
 
 def _find_split(root: str, split: str) -> Optional[str]:
@@ -122,7 +134,7 @@ def _apply_bad_image_policy(samples: List[Tuple[str, int]], policy: str, where: 
                             report: Dict[str, Any]) -> List[Tuple[str, int]]:
     if policy == 'off':
         return samples
-    bad = scan_images([s[0] for s in samples])
+    bad = _scan_shared([s[0] for s in samples])
     report.setdefault('bad_images', []).extend(bad)
     if not bad:
         return samples

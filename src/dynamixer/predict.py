@@ -87,6 +87,7 @@ def preprocess(paths: Sequence[str], transform: Callable) -> Tuple[torch.Tensor,
 
 def topk(probs: torch.Tensor, class_names: Sequence[str], k: int = 5) -> List[List[Tuple[int, str, float]]]:
     """(B, num_classes) probabilities -> per image the k best (index, name, probability)."""
+    probs = probs.detach().float()
     k = min(k, probs.shape[-1])
     values, indices = probs.topk(k, dim=-1)
     return [[(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values, indices)]

@@ -100,8 +100,12 @@ class RunLog:
     def progress(self, total: int, desc: str, show: bool = True):
         if not (self.enabled and show):
             return _NoBar()
+        import sys
         from tqdm import tqdm
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit='step')
+        # redirected to a file: a line every 30 s rather than a flood of carriage returns
+        tty = sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, leave=not tty, dynamic_ncols=True, unit='step',
+                    mininterval=0.1 if tty else 30.0)
 
     @staticmethod
     def advance(bar, loss: float, lr: float, ips: float) -> None:
@@ -152,7 +156,7 @@ def plot_history(history: List[Dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
     epochs = [h['epoch'] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    ax_loss.plot(epochs, [h['train_loss'] for h in history], 'o-', label='train')
+    ax_loss.plot(epochs, [h['train_loss'] for h in history], 'o-', label='train (augmented, smoothed targets)')
     ax_loss.plot(epochs, [h['val_loss'] for h in history], 's-', label='validation')
     if 'ema_loss' in history[-1]:
         ax_loss.plot(epochs, [h.get('ema_loss') for h in history], '^--', label='validation (EMA)')
@@ -162,9 +166,10 @@ def plot_history(history: List[Dict[str, Any]], path: str) -> None:
     if 'ema_top1' in history[-1]:
         ax_acc.plot(epochs, [h.get('ema_top1') for h in history], '^--', label='top-1 (EMA)')
     best = max(history, key=lambda h: h['val_top1'])
-    ax_acc.annotate(f"{best['val_top1']:.1f}%", (best['epoch'], best['val_top1']),
-                    textcoords='offset points', xytext=(0, -16), ha='center')
-    ax_acc.set(title='Validation accuracy', xlabel='epoch', ylabel='%', ylim=(0, 101))
+    ax_acc.plot([best['epoch']], [best['val_top1']], 'k*', markersize=12,
+                label=f"best top-1 {best['val_top1']:.1f}% (epoch {best['epoch']})")
+    values = [v for h in history for v in (h['val_top1'], h['val_top5'], h.get('ema_top1')) if v is not None]
+    ax_acc.set(title='Validation accuracy', xlabel='epoch', ylabel='%', ylim=(max(0.0, min(values) - 5), 100.5))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

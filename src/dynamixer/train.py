@@ -66,12 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
-        config = _config_from_args(args)
+        config, resume = _config_from_args(args)
         if args.print_config:
             import yaml
             print(yaml.safe_dump(config, sort_keys=False), end='')
             return 0
-        result = train(config, data=config.get('data'), resume=_resume_path(args.resume, config))
+        result = train(config, data=config.get('data'), resume=resume)
     except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -86,30 +86,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+def _config_from_args(args: argparse.Namespace):
+    """(resolved config, checkpoint to resume from or None)."""
     overrides = config_overrides(args)
-    if args.resume and args.resume != 'auto':
+    resume = args.resume
+    recipe = args.recipe or ('digits' if not args.data and not overrides.get('dataset') else 'scratch')
+    if resume == 'auto':  # the run folder's last.pth when there is one, else a fresh start
+        fresh = resolve_config(recipe, args.config, overrides)
+        path = os.path.join(fresh['output'] or _default_output(fresh, create=False), 'last.pth')
+        resume = path if os.path.isfile(path) else None
+        if resume is None:
+            fresh['data'] = args.data
+            return fresh, None
+    if resume:
         # a resumed run keeps its own settings; flags given now override them (e.g. --epochs)
-        base = read_checkpoint(args.resume).get('config')
+        base = read_checkpoint(resume).get('config')
         if not isinstance(base, dict):
-            raise CheckpointError(f'{args.resume}: not a dynamixer training checkpoint (no config); '
+            raise CheckpointError(f'{resume}: not a dynamixer training checkpoint (no config); '
                                   'use --pretrained to start from foreign weights')
         config = resolve_config(base.get('recipe', 'digits'), args.config, overrides, base=base)
         if args.data:
             config['data'] = args.data
-        return config
-    recipe = args.recipe or ('digits' if not args.data and not overrides.get('dataset') else 'scratch')
+        return config, resume
     config = resolve_config(recipe, args.config, overrides)
     config['data'] = args.data
-    return config
-
-
-def _resume_path(resume: Optional[str], config: Dict[str, Any]) -> Optional[str]:
-    if resume == 'auto':
-        out = config.get('output') or _default_output(config, create=False)
-        path = os.path.join(out, 'last.pth')
-        return path if os.path.isfile(path) else None
-    return resume
+    return config, None
 
 
 # ---- processes, devices, randomness -------------------------------------------------------------
@@ -360,9 +361,8 @@ def train(
             raise CheckpointError(f'{resume}: does not fit this run ({e})') from None
         if scaler is not None and ckpt.get('scaler'):
             scaler.load_state_dict(ckpt['scaler'])
-        if ckpt.get('scheduler'):
-            scheduler.load_state_dict(ckpt['scheduler'])
-            scheduler.base_values = [config['lr']] * len(optimizer.param_groups)  # an --lr given now wins
+        # The schedule is rebuilt from the settings rather than loaded: the lr is a function of the
+        # update count, so this continues it exactly, and a resume with a new --epochs or --lr follows them.
         _set_rng_state(ckpt['rng'], generator)
         start_epoch, step = int(ckpt['epoch']), int(ckpt['step'])
         history = list((ckpt.get('metrics') or {}).get('history', []))
@@ -374,7 +374,7 @@ def train(
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if config['compile']:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=config['compile_backend'])
 
     output = config['output'] or (os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config))
     config['output'] = output
@@ -478,6 +478,7 @@ def train(
         save_safetensors(raw_model, os.path.join(output, f'rank{rank}.safetensors'), config, class_names)
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
     return dict(history=log.history, output=output, rank=rank, world=world,
                 seconds=time.perf_counter() - start_time, class_names=class_names)
 
@@ -507,6 +508,9 @@ def _check_resume(ckpt: Dict[str, Any], config: Dict[str, Any], class_names: Lis
     if ckpt['config'].get('model') != config['model']:
         raise CheckpointError(f"{path} is a {ckpt['config'].get('model')} checkpoint, this run trains "
                               f"{config['model']}; resume with --model {ckpt['config'].get('model')}")
+    if ckpt['config'].get('opt', config['opt']) != config['opt']:
+        raise CheckpointError(f"{path} was trained with the {ckpt['config']['opt']} optimiser, whose state does not "
+                              f"fit {config['opt']}; resume with --opt {ckpt['config']['opt']}")
     names = list(ckpt.get('class_names') or [])
     if names != list(class_names):
         raise CheckpointError(f'{path} was trained on {len(names)} classes ({", ".join(names[:5])}...), the data '
