@@ -245,6 +245,16 @@ def test_class_names_fallbacks(workdir):
     assert cfg['class_names'] == ['0', '1', '2', '3']
 
 
+def test_preprocessing_follows_built_image_size(workdir):
+    """A model built with img_size=16 exports 16x16 preprocessing, not its default config's 32x32."""
+    ckpt = _make_checkpoint(workdir / 'nano16.pth', dict(img_size=16))
+    rc, out = _run_cli('export', ckpt, '--format', 'safetensors', '--output', workdir / 'nano16.safetensors')
+    assert rc == 0, out
+    cfg = load_preprocessing(workdir / 'nano16.safetensors')
+    assert cfg['input_size'] == [3, 16, 16]
+    assert eval_transform(cfg)(sample_images(1)[0]).shape == (3, 16, 16)
+
+
 def test_unknown_format_and_missing_sidecar(workdir, checkpoint):
     with pytest.raises(SystemExit):
         _run_cli('export', checkpoint, '--format', 'tflite')

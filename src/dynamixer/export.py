@@ -56,6 +56,8 @@ def preprocessing_config(
     """Eval preprocessing of `model` (from its pretrained_cfg via timm) and its class names."""
     from timm.data import resolve_data_config
     cfg = resolve_data_config({}, model=model)
+    # the size the model was built for (img_size=...), which its pretrained_cfg does not follow
+    cfg['input_size'] = (model.in_chans, *model.img_size)
     return dict(
         model=model_name or model.pretrained_cfg.get('architecture'),
         input_name=INPUT_NAME,
