@@ -112,6 +112,14 @@ def pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]]) -
 def check_pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]]) -> None:
     """Validate the file named in a pretrained config before timm loads it."""
     path = pretrained_file(pretrained_cfg, overlay)
+    if path and os.path.isdir(path):
+        # 'local-dir:' sources name a folder (config.json + weights); timm picks the weights file
+        # in this order, check the one it will read
+        for name in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):
+            if os.path.isfile(os.path.join(path, name)):
+                validate_checkpoint_file(os.path.join(path, name))
+                return
+        return
     if path:
         validate_checkpoint_file(path)
 

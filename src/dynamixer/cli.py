@@ -11,6 +11,11 @@ from typing import List, Optional
 # name -> (module, one-line help)
 COMMANDS = {
     'info': ('dynamixer.info', 'build every model, check it and print the model table'),
+    'train': ('dynamixer.train', 'train a model (default: dynamixer_nano on the embedded digits)'),
+    'validate': ('dynamixer.validate', 'top-1/top-5 accuracy and loss of a checkpoint on a data set'),
+    'predict': ('dynamixer.predict', 'classify image files with a checkpoint'),
+    'export': ('dynamixer.export', 'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
+    'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
 }
 
 
