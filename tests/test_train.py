@@ -335,7 +335,7 @@ def test_training_on_mixed_image_modes(tmp_path):
 
 # ---- validate -----------------------------------------------------------------------------------
 
-def _manual_eval(model, folder, class_names):
+def _manual_eval(model, folder, class_names, logits_fn=None):
     """Independent top-1 / loss: the model's eval transform built by hand from its pretrained config."""
     import torchvision.transforms as T
     cfg = model.pretrained_cfg
@@ -349,9 +349,26 @@ def _manual_eval(model, folder, class_names):
                 xs.append(tf(im.convert('RGB')))
             ys.append(c)
     with torch.no_grad():
-        logits = model(torch.stack(xs))
+        logits = (logits_fn or model)(torch.stack(xs))
     y = torch.tensor(ys)
     return (logits.argmax(1) == y).float().mean().item() * 100, torch.nn.functional.cross_entropy(logits, y).item()
+
+
+def test_validate_authors_checkpoint_against_the_reference(folder, tmp_path):
+    """An authors'-layout checkpoint ('module.' keys, pickled Namespace), labelled in folder order,
+    scored against the slow float64 transcription of the spec (tests/reference.py)."""
+    import argparse
+    import timm
+    from reference import NANO, make_authors_state_dict, reference_logits
+    from dynamixer.validate import validate
+    w64 = make_authors_state_dict(**NANO, num_classes=2, scale=0.1)
+    path = tmp_path / 'authors.pth.tar'
+    torch.save({'state_dict': {'module.' + k: v.float() for k, v in w64.items()},
+                'args': argparse.Namespace(model='dynamixer_nano')}, path)
+    r = validate(str(path), str(folder), workers=0)
+    top1, loss = _manual_eval(timm.create_model('dynamixer_nano', num_classes=2), folder, ['a', 'b'],
+                              logits_fn=lambda x: reference_logits(w64, x.double()))
+    assert r['images'] == 8 and r['top1'] == pytest.approx(top1) and r['loss'] == pytest.approx(loss, rel=1e-4)
 
 
 def test_validate_matches_an_independent_evaluation(trained, folder, capsys):
