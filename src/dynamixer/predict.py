@@ -108,7 +108,7 @@ def format_predictions(paths: Sequence[str], ranked: Sequence[Sequence[Tuple[int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
-    parser.add_argument('-c', '--checkpoint', required=True,
+    parser.add_argument('-c', '--checkpoint', default=None,
                         help="a checkpoint: this project's (.pth), the authors', or .safetensors")
     parser.add_argument('--model', default=None, help='model name, when the checkpoint does not record it')
     parser.add_argument('-k', '--top-k', type=int, default=5, help='how many classes to show per image')
@@ -117,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.checkpoint:
+        print('error: give the model to use: --checkpoint FILE', file=sys.stderr)
+        return 2
     try:
         model, info = load_inference_model(args.checkpoint, args.model)
     except (CheckpointError, FileNotFoundError) as e:
