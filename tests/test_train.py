@@ -615,7 +615,13 @@ def test_embedded_digits_default_reaches_95_percent(tmp_path):
     assert m, p.stdout
     print(f'digits default: {float(m.group(1)):.2f}% top-1 in {seconds:.0f} s, load {os.getloadavg()}')
     assert float(m.group(1)) >= 95.0
-    assert os.path.exists(tmp_path / 'runs' / 'digits-dynamixer_nano' / 'curves.png')
+    run = tmp_path / 'runs' / 'digits-dynamixer_nano'
+    assert os.path.exists(run / 'curves.png')
+    # validate re-creates the same validation images and transform: the same accuracy and loss
+    from dynamixer.validate import validate
+    r = validate(str(run / 'last.pth'), None, dataset='digits', workers=0)
+    last = json.load(open(run / 'metrics.json'))[-1]
+    assert r['top1'] == pytest.approx(last['val_top1']) and r['loss'] == pytest.approx(last['val_loss'], rel=1e-5)
 
 
 @pytest.mark.slow
