@@ -149,11 +149,16 @@ def test_run_folder_contents(trained):
         assert torch.equal(st[k], v), k
 
 
-def test_tensorboard_and_progress_bar(folder, tmp_path, capsys):
-    train(config(tmp_path, tensorboard=True, progress=True), data=str(folder))
-    assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
+def test_progress_bar(folder, tmp_path, capsys):
+    train(config(tmp_path, progress=True), data=str(folder))
     err = capsys.readouterr().err
-    assert 'epoch 1/1' in err and 'img/s' in err and 'lr ' in err
+    assert 'epoch 1/1' in err and 'img/s' in err and 'lr ' in err and '4/4' in err
+
+
+def test_tensorboard(folder, tmp_path):
+    pytest.importorskip('tensorboard')
+    train(config(tmp_path, tensorboard=True), data=str(folder))
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
 
 
 # ---- resuming -----------------------------------------------------------------------------------
