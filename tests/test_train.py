@@ -636,3 +636,21 @@ def test_compile(folder, tmp_path):
     assert np.isfinite(r['history'][-1]['train_loss'])
     ck = read_checkpoint(os.path.join(r['output'], 'last.pth'))
     assert not any(k.startswith('_orig_mod') for k in ck['state_dict'])
+
+
+def test_other_timm_datasets(folder, tmp_path):
+    """Anything timm's create_dataset reads, here torchvision's ImageFolder through 'torch/image_folder'."""
+    r = train(config(tmp_path, dataset='torch/image_folder'), data=str(folder))
+    assert r['class_names'] == ['a', 'b'] and np.isfinite(r['history'][-1]['val_loss'])
+
+
+def test_imagenet_recipe_runs_end_to_end_small(folder, tmp_path):
+    """The ImageNet recipe's pipeline (RandAugment, Mixup/CutMix, erasing, smoothing, drop-path, EMA,
+    warm-up + cosine + cool-down) on the nano model and a tiny folder."""
+    c = resolve_config('imagenet-s', overrides=dict(
+        model='dynamixer_nano', img_size=32, batch_size=4, epochs=1, warmup_epochs=1, cooldown_epochs=1,
+        workers=0, threads=1, progress=False, output=str(tmp_path / 'run')))
+    r = train(c, data=str(folder))
+    h = r['history']
+    assert len(h) == 2 and 'ema_top1' in h[-1] and h[-1]['lr'] == pytest.approx(1e-5)  # cool-down at min_lr
+    assert 'state_dict_ema' in read_checkpoint(os.path.join(r['output'], 'last.pth'))
