@@ -59,6 +59,15 @@ def weights(path):
     return read_checkpoint(path)['state_dict']
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine more threads than free cores spin and crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp('data'))
@@ -140,11 +149,16 @@ def test_run_folder_contents(trained):
         assert torch.equal(st[k], v), k
 
 
-def test_tensorboard_and_progress_bar(folder, tmp_path, capsys):
-    train(config(tmp_path, tensorboard=True, progress=True), data=str(folder))
-    assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
+def test_progress_bar(folder, tmp_path, capsys):
+    train(config(tmp_path, progress=True), data=str(folder))
     err = capsys.readouterr().err
-    assert 'epoch 1/1' in err and 'img/s' in err and 'lr ' in err
+    assert 'epoch 1/1' in err and 'img/s' in err and 'lr ' in err and '4/4' in err
+
+
+def test_tensorboard(folder, tmp_path):
+    pytest.importorskip('tensorboard')
+    train(config(tmp_path, tensorboard=True), data=str(folder))
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
 
 
 # ---- resuming -----------------------------------------------------------------------------------
@@ -326,7 +340,7 @@ def test_training_on_mixed_image_modes(tmp_path):
 
 # ---- validate -----------------------------------------------------------------------------------
 
-def _manual_eval(model, folder, class_names):
+def _manual_eval(model, folder, class_names, logits_fn=None):
     """Independent top-1 / loss: the model's eval transform built by hand from its pretrained config."""
     import torchvision.transforms as T
     cfg = model.pretrained_cfg
@@ -340,9 +354,26 @@ def _manual_eval(model, folder, class_names):
                 xs.append(tf(im.convert('RGB')))
             ys.append(c)
     with torch.no_grad():
-        logits = model(torch.stack(xs))
+        logits = (logits_fn or model)(torch.stack(xs))
     y = torch.tensor(ys)
     return (logits.argmax(1) == y).float().mean().item() * 100, torch.nn.functional.cross_entropy(logits, y).item()
+
+
+def test_validate_authors_checkpoint_against_the_reference(folder, tmp_path):
+    """An authors'-layout checkpoint ('module.' keys, pickled Namespace), labelled in folder order,
+    scored against the slow float64 transcription of the spec (tests/reference.py)."""
+    import argparse
+    import timm
+    from reference import NANO, make_authors_state_dict, reference_logits
+    from dynamixer.validate import validate
+    w64 = make_authors_state_dict(**NANO, num_classes=2, scale=0.1)
+    path = tmp_path / 'authors.pth.tar'
+    torch.save({'state_dict': {'module.' + k: v.float() for k, v in w64.items()},
+                'args': argparse.Namespace(model='dynamixer_nano')}, path)
+    r = validate(str(path), str(folder), workers=0)
+    top1, loss = _manual_eval(timm.create_model('dynamixer_nano', num_classes=2), folder, ['a', 'b'],
+                              logits_fn=lambda x: reference_logits(w64, x.double()))
+    assert r['images'] == 8 and r['top1'] == pytest.approx(top1) and r['loss'] == pytest.approx(loss, rel=1e-4)
 
 
 def test_validate_matches_an_independent_evaluation(trained, folder, capsys):
@@ -589,7 +620,13 @@ def test_embedded_digits_default_reaches_95_percent(tmp_path):
     assert m, p.stdout
     print(f'digits default: {float(m.group(1)):.2f}% top-1 in {seconds:.0f} s, load {os.getloadavg()}')
     assert float(m.group(1)) >= 95.0
-    assert os.path.exists(tmp_path / 'runs' / 'digits-dynamixer_nano' / 'curves.png')
+    run = tmp_path / 'runs' / 'digits-dynamixer_nano'
+    assert os.path.exists(run / 'curves.png')
+    # validate re-creates the same validation images and transform: the same accuracy and loss
+    from dynamixer.validate import validate
+    r = validate(str(run / 'last.pth'), None, dataset='digits', workers=0)
+    last = json.load(open(run / 'metrics.json'))[-1]
+    assert r['top1'] == pytest.approx(last['val_top1']) and r['loss'] == pytest.approx(last['val_loss'], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -599,3 +636,21 @@ def test_compile(folder, tmp_path):
     assert np.isfinite(r['history'][-1]['train_loss'])
     ck = read_checkpoint(os.path.join(r['output'], 'last.pth'))
     assert not any(k.startswith('_orig_mod') for k in ck['state_dict'])
+
+
+def test_other_timm_datasets(folder, tmp_path):
+    """Anything timm's create_dataset reads, here torchvision's ImageFolder through 'torch/image_folder'."""
+    r = train(config(tmp_path, dataset='torch/image_folder'), data=str(folder))
+    assert r['class_names'] == ['a', 'b'] and np.isfinite(r['history'][-1]['val_loss'])
+
+
+def test_imagenet_recipe_runs_end_to_end_small(folder, tmp_path):
+    """The ImageNet recipe's pipeline (RandAugment, Mixup/CutMix, erasing, smoothing, drop-path, EMA,
+    warm-up + cosine + cool-down) on the nano model and a tiny folder."""
+    c = resolve_config('imagenet-s', overrides=dict(
+        model='dynamixer_nano', img_size=32, batch_size=4, epochs=1, warmup_epochs=1, cooldown_epochs=1,
+        workers=0, threads=1, progress=False, output=str(tmp_path / 'run')))
+    r = train(c, data=str(folder))
+    h = r['history']
+    assert len(h) == 2 and 'ema_top1' in h[-1] and h[-1]['lr'] == pytest.approx(1e-5)  # cool-down at min_lr
+    assert 'state_dict_ema' in read_checkpoint(os.path.join(r['output'], 'last.pth'))

@@ -84,7 +84,12 @@ class RunLog:
         import yaml
         atomic_write_text(yaml.safe_dump(config, sort_keys=False), os.path.join(output, 'config.yaml'))
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from .recipes import ConfigError
+                raise ConfigError('--tensorboard needs the tensorboard package: pip install tensorboard '
+                                  '(or pip install "dynamixer[tensorboard]")') from None
             self.writer = SummaryWriter(os.path.join(output, 'tensorboard'))
 
     def info(self, text: str) -> None:

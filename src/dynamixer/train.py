@@ -76,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print('\ninterrupted; continue with: dynamixer train --resume auto --output <run folder>', file=sys.stderr)
+        out = config.get('output') or _default_output(config, create=False)
+        last = os.path.join(out, 'last.pth')
+        hint = f'continue with: dynamixer train --resume {last}' if os.path.exists(last) else 'no epoch was completed'
+        print(f'\ninterrupted; {hint}', file=sys.stderr)
         return 130
     if result['rank'] == 0:
         last = result['history'][-1]
@@ -286,7 +289,7 @@ def train(
     'epoch_end'(epoch) called after the epoch's checkpoint is written.
     """
     hooks = hooks or {}
-    config = dict(config)
+    caller_config, config = config, dict(config)
     config['data'] = data
     start_time = time.perf_counter()
     rank, world, device = _setup_distributed(config['device'], config['threads'])
@@ -377,7 +380,7 @@ def train(
         model = torch.compile(model, backend=config['compile_backend'])
 
     output = config['output'] or (os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config))
-    config['output'] = output
+    config['output'] = caller_config['output'] = output  # the caller learns the folder even if interrupted
     log = RunLog(output, config, enabled=is_main, tensorboard=config['tensorboard'], history=history)
     if is_main:
         log.info(f"{config['model']} on {len(train_set)} training / {len(val_set)} validation images, "

@@ -51,7 +51,8 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
     model, info = load_inference_model(checkpoint, model_name)
     names = info['class_names']
     if dataset == 'digits':
-        ds = DigitsDataset('val' if split != 'train' else 'train')
+        # upsampled straight to the model's input size, as in training
+        ds = DigitsDataset('val' if split != 'train' else 'train', size=int(model.img_size[0]))
         if info['num_classes'] != 10:
             raise DataError(f"the digits have 10 classes, the checkpoint {info['num_classes']}")
     else:
