@@ -11,6 +11,10 @@ from typing import List, Optional
 # name -> (module, one-line help)
 COMMANDS = {
     'info': ('dynamixer.info', 'build every model, check it and print the model table'),
+    'ablate': ('dynamixer.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
+                                   'block) and tabulate top-1 over seeds'),
+    'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
+                                             'for given images'),
 }
 
 
