@@ -195,3 +195,25 @@ def test_show_mixing_writes_a_png(tiny_ablation, tmp_path):
     with pytest.raises(SystemExit, match='not in the model'):
         cli.main(['show-mixing', str(out / 'checkpoints' / 'dynamic__seed0.pth'), *paths,
                   '--layer', 'stages.9', '--out', str(fig)])
+
+
+def test_ablate_on_an_image_folder(tmp_path):
+    """--data DIR with train/ and val/ class folders: RGB at the model's input size."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c in ('cat', 'dog'):
+            (tmp_path / 'data' / split / c).mkdir(parents=True)
+            for k in range(4):
+                a = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+                Image.fromarray(a).save(tmp_path / 'data' / split / c / f'{k}.png')
+    out = tmp_path / 'out'
+    assert cli.main(['ablate', '--data', str(tmp_path / 'data'), '--out', str(out), '--variants', 'dynamic',
+                     '--seeds', '0', '--epochs', '1', '--batch-size', '4', '--workers', '0',
+                     '--speed-rounds', '1', '--speed-batch', '2', '--threads', '1']) == 0
+    with open(out / 'results.csv') as f:
+        (row,) = list(csv.DictReader(f))
+    assert row['variant'] == 'dynamic' and 0 <= float(row['top1_mean']) <= 100
+    ckpt = torch.load(out / 'checkpoints' / 'dynamic__seed0.pth', weights_only=True)
+    assert ckpt['class_names'] == ['cat', 'dog'] and ckpt['config']['model_kwargs']['in_chans'] == 3
+    assert ckpt['config']['model_kwargs']['img_size'] == 32
