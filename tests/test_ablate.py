@@ -217,3 +217,24 @@ def test_ablate_on_an_image_folder(tmp_path):
     ckpt = torch.load(out / 'checkpoints' / 'dynamic__seed0.pth', weights_only=True)
     assert ckpt['class_names'] == ['cat', 'dog'] and ckpt['config']['model_kwargs']['in_chans'] == 3
     assert ckpt['config']['model_kwargs']['img_size'] == 32
+
+
+@pytest.mark.slow
+def test_torchrun_shares_the_runs_and_matches_one_process(tmp_path):
+    """Two torchrun ranks (gloo, CPU) train half of the runs each; the gathered results are the
+    same numbers as a single process's (same thread count)."""
+    import subprocess
+    import sys
+    args = ['--variants', 'dynamic', 'static', '--seeds', '0', '1', '--epochs', '1', '--num-train', '128',
+            '--num-val', '64', '--batch-size', '32', '--threads', '1', '--speed-rounds', '0', '--no-checkpoints']
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), '..', 'src'),
+                                           os.environ.get('PYTHONPATH', '')]))
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                    '-m', 'dynamixer', 'ablate', '--out', str(tmp_path / 'ddp'), *args],
+                   check=True, env=env, timeout=300)
+    assert cli.main(['ablate', '--out', str(tmp_path / 'one'), *args]) == 0
+    keys = ('variant', 'seed', 'top1', 'val_loss', 'train_loss')
+    read = lambda p: [tuple(r[k] for k in keys) for r in csv.DictReader(open(p))]   # noqa: E731
+    assert read(tmp_path / 'ddp' / 'runs.csv') == read(tmp_path / 'one' / 'runs.csv')
+    assert len(read(tmp_path / 'one' / 'runs.csv')) == 4
