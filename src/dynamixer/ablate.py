@@ -379,7 +379,7 @@ def write_tables(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]
             f"{r['top1_per_seed']} | {delta} | {_fmt(r['params'], ',.0f')} | {_fmt(r['macs'] / 1e6, '.2f')} | "
             f"{_fmt(r['images_per_s'], '.0f')} | {_fmt(r['speed_vs_baseline'], '.2f')} | "
             f"{_fmt(r['train_images_per_s'], '.0f')} |")
-    notes = [f'- `{k}`: {VARIANT_NOTES.get(k, json.dumps(VARIANTS.get(k, {})))}' for k in (r['variant'] for r in rows)]
+    notes = [f"- `{r['variant']}`: {VARIANT_NOTES.get(r['variant'], 'model options ' + r['options'])}" for r in rows]
     recipe = {k: cfg[k] for k in ('data', 'model', 'epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs',
                                   'label_smoothing', 'drop_path', 'num_train', 'num_val', 'canvas', 'align', 'data_seed')}
     text = '\n'.join([
