@@ -409,8 +409,8 @@ def plot(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], title
                    color='tab:blue', alpha=0.12, label=f'{BASELINE} mean ± std')
     for i, r in enumerate(rows):
         acc = [x['top1'] for x in runs if x['variant'] == r['variant']]
-        ax.scatter([i] * len(acc), acc, s=14, color='0.5', zorder=2, label='one seed' if i == 0 else None)
-        ax.errorbar(i, r['top1_mean'], yerr=0 if r['top1_std'] != r['top1_std'] else r['top1_std'],
+        ax.scatter([i - 0.15] * len(acc), acc, s=14, color='0.5', zorder=2, label='one seed' if i == 0 else None)
+        ax.errorbar(i + 0.1, r['top1_mean'], yerr=0 if r['top1_std'] != r['top1_std'] else r['top1_std'],
                     fmt='o', color='tab:red' if r['variant'] == BASELINE else 'k', capsize=4, zorder=3,
                     label='mean ± std' if i == 0 else None)
     ax.set_xticks(range(len(names)))
@@ -419,13 +419,14 @@ def plot(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], title
     ax.set_title('top-1 per variant (dots: seeds)')
     ax.grid(axis='y', alpha=0.3)
     ax.legend(loc='lower left', fontsize=8)
-    for r in rows:
+    # labels alternate above / below along the cost axis, so close points stay readable
+    for k, r in enumerate(sorted(rows, key=lambda r: r['macs'])):
         if r['macs'] != r['macs']:
             continue
         bx.errorbar(r['macs'] / 1e6, r['top1_mean'], yerr=0 if r['top1_std'] != r['top1_std'] else r['top1_std'],
                     fmt='o', capsize=3, color='tab:red' if r['variant'] == BASELINE else 'k')
         bx.annotate(r['variant'], (r['macs'] / 1e6, r['top1_mean']), textcoords='offset points',
-                    xytext=(4, 4), fontsize=8)
+                    xytext=(4, 5) if k % 2 == 0 else (4, -12), fontsize=8)
     bx.set_xlabel('multiply-adds per image (M)')
     bx.set_ylabel('val top-1 (%), mean ± std')
     bx.set_title('accuracy against cost')
