@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--report-only', action='store_true',
                         help='train nothing: write the tables and plot from the runs in OUT/runs')
     parser.add_argument('--speed-batch', type=int, default=64, help='batch for the images/s measurement')
-    parser.add_argument('--speed-rounds', type=int, default=5,
+    parser.add_argument('--speed-rounds', type=int, default=30,
                         help='interleaved timing rounds per variant (0 skips the measurement)')
 
 
