@@ -418,7 +418,7 @@ def plot(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], title
     ax.set_ylabel('val top-1 (%)')
     ax.set_title('top-1 per variant (dots: seeds)')
     ax.grid(axis='y', alpha=0.3)
-    ax.legend(loc='lower left', fontsize=8)
+    ax.legend(loc='lower right', fontsize=8)
     # labels alternate above / below along the cost axis, so close points stay readable
     for k, r in enumerate(sorted(rows, key=lambda r: r['macs'])):
         if r['macs'] != r['macs']:
