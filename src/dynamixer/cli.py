@@ -16,6 +16,10 @@ COMMANDS = {
     'predict': ('dynamixer.predict', 'classify image files with a checkpoint'),
     'export': ('dynamixer.export', 'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
     'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
+    'ablate': ('dynamixer.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
+                                   'block) and tabulate top-1 over seeds'),
+    'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
+                                             'for given images'),
 }
 
 
