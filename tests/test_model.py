@@ -236,10 +236,18 @@ def test_authors_checkpoint_of_other_size_is_named(tmp_path):
         _load('dynamixer_s', path)
 
 
-def test_checkpoint_for_another_resolution_is_named(tmp_path):
+def test_checkpoint_for_another_resolution_loads_resampled(tmp_path):
+    # weights trained at another size are converted (tests/test_resolution.py tests how)
     path = tmp_path / 'n48.pth'
     torch.save(nano(img_size=48).state_dict(), path)
-    with pytest.raises(ValueError, match='generators differ in size.*another input resolution'):
+    model = _load('dynamixer_nano', path)
+    assert model.stages[0].blocks[0].token_mixer.mix_h.generate.weight.shape == (64, 16)
+
+
+def test_generators_of_another_variant_are_named(tmp_path):
+    path = tmp_path / 'd4.pth'
+    torch.save(nano(img_size=48, reduced_dim=4).state_dict(), path)
+    with pytest.raises(ValueError, match='shape mismatch.*generate'):
         _load('dynamixer_nano', path)
 
 

@@ -10,6 +10,7 @@ from .model import (
     checkpoint_filter_fn, token_grids,
 )
 from .checkpoint import CheckpointError, read_checkpoint, validate_checkpoint_file
+from .resample import resample_state_dict
 
 __version__ = '0.1.0'
 

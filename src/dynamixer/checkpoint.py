@@ -112,6 +112,14 @@ def pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]]) -
 def check_pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]]) -> None:
     """Validate the file named in a pretrained config before timm loads it."""
     path = pretrained_file(pretrained_cfg, overlay)
+    if path and os.path.isdir(path):
+        # 'local-dir:' sources name a folder (config.json + weights); timm picks the weights file
+        # in this order, check the one it will read
+        for name in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):
+            if os.path.isfile(os.path.join(path, name)):
+                validate_checkpoint_file(os.path.join(path, name))
+                return
+        return
     if path:
         validate_checkpoint_file(path)
 
@@ -138,7 +146,9 @@ def load_model(
 
     Works for this project's training checkpoints (which record the model name, its arguments
     and the class names), the authors' checkpoints and bare state dicts / safetensors files (the
-    variant is inferred from the weights' shapes unless `model_name` is given).
+    variant is inferred from the weights' shapes unless `model_name` is given). The model is built
+    at the input size the weights were trained at, or at ``img_size=...`` when given (the mixing
+    generators are then resampled, see `dynamixer.resample`).
 
     Returns (model in eval mode, info) with info keys 'model', 'num_classes', 'class_names'
     (None when the checkpoint has none) and 'config' (the training config, or {}).
@@ -157,6 +167,12 @@ def load_model(
             raise CheckpointError(
                 f'{os.fspath(path)}: the weights fit none of the DynaMixer variants '
                 f'({", ".join(_variants())}); pass the model name explicitly.')
+    if model_kwargs.get('img_size') is None:
+        # build at the size the weights were trained at; img_size=... resamples them for another
+        from .resample import trained_img_size
+        size = trained_img_size(state_dict)
+        if size is not None:
+            model_kwargs['img_size'] = size
     head = state_dict.get('head.weight')
     num_classes = model_kwargs.pop('num_classes', head.shape[0] if head is not None else 1000)
     model = timm.create_model(

@@ -11,6 +11,15 @@ from typing import List, Optional
 # name -> (module, one-line help)
 COMMANDS = {
     'info': ('dynamixer.info', 'build every model, check it and print the model table'),
+    'train': ('dynamixer.train', 'train a model (default: dynamixer_nano on the embedded digits)'),
+    'validate': ('dynamixer.validate', 'top-1/top-5 accuracy and loss of a checkpoint on a data set'),
+    'predict': ('dynamixer.predict', 'classify image files with a checkpoint'),
+    'export': ('dynamixer.export', 'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
+    'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
+    'ablate': ('dynamixer.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
+                                   'block) and tabulate top-1 over seeds'),
+    'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
+                                             'for given images'),
 }
 
 

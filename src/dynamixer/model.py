@@ -17,6 +17,7 @@ Module layout (this project's own state-dict keys)::
 and so on, see the spec) to this one.
 """
 import math
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -53,16 +54,24 @@ def token_grids(
     """
     num_down = sum(bool(d) for d in downsamples)
     step = patch_size * 2 ** num_down
+    try:
+        if len(img_size) != 2 or any(isinstance(s, bool) for s in img_size):
+            raise TypeError
+        img_size = tuple(operator.index(s) for s in img_size)  # ints only: 48.0 or '48' are refused
+    except TypeError:
+        raise ValueError(
+            f'img_size must be an int or a pair of ints (height, width); got {img_size!r}.') from None
     if any(s % step != 0 or s < step for s in img_size):
-        near = []
+        near, fits = [], []
         for axis, s in zip(('height', 'width'), img_size):
             lower = (s // step) * step
-            options = [v for v in (lower, lower + step) if v >= step]
+            options = sorted({v for v in (lower, lower + step) if v >= step} or {step})
             near.append(f'{axis} {s}: ' + (str(s) if s % step == 0 and s >= step else ' or '.join(map(str, options))))
+            fits.append(s if s % step == 0 and s >= step else min(options, key=lambda v: (abs(v - s), v)))
         raise ValueError(
             f'img_size {tuple(img_size)} does not fit this architecture: height and width must be '
             f'positive multiples of {step} (patch size {patch_size} x 2^{num_down} transitions). '
-            f'Nearest sizes that work: {"; ".join(near)}.')
+            f'Nearest sizes that work: {"; ".join(near)} (e.g. img_size={tuple(fits)}).')
     grids = []
     h, w = img_size[0] // patch_size, img_size[1] // patch_size
     for down in downsamples:
@@ -678,16 +687,19 @@ def _mismatch(state_dict: Dict[str, torch.Tensor], expected: Dict[str, torch.Ten
     if unexpected:
         parts.append(f'{len(unexpected)} checkpoint weights the model does not have (first: {unexpected[0]})')
     if wrong_shape and all('generate' in k or 'static_logits' in k for k in wrong_shape):
-        parts.append('only the mixing generators differ in size: the checkpoint was trained for '
-                     'another input resolution')
+        # a different token count alone is resampled by _convert, so this is not a resolution change
+        parts.append('the mixing generators differ in more than their token count (reduced '
+                     'dimension d or segment count): a different variant')
     return '; '.join(parts)
 
 
 def _convert(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[str, torch.Tensor]:
+    from .resample import resample_to_shapes  # imported here: resample imports this module
     state_dict = _unwrap_state_dict(state_dict)
     if any(k.startswith(('network.', 'patch_embed.')) for k in state_dict):
         state_dict = _convert_authors_layout(state_dict, model)
-    return state_dict
+    # another input size changes only the token count N of the mixing generators: resample them
+    return resample_to_shapes(state_dict, {k: v.shape for k, v in model.state_dict().items()})
 
 
 def fits(state_dict: Dict[str, Any], model: DynaMixer) -> bool:
@@ -702,8 +714,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[s
     """Convert a checkpoint (authors' layout or this project's) for `model`, or explain why not.
 
     Accepts a bare state dict or a training checkpoint dict ('state_dict_ema', 'state_dict', ...),
-    with or without 'module.' prefixes. Raises ValueError naming the mismatch when the weights are
-    for another architecture, size or class count.
+    with or without 'module.' prefixes. Weights trained at another input size are converted: the
+    mixing generators (and static logits) are resampled to this model's token grid (see
+    `dynamixer.resample`). Raises ValueError naming the mismatch when the weights are for another
+    architecture or class count.
     """
     raw = _unwrap_state_dict(state_dict)
     try:

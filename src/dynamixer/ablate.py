@@ -1,0 +1,579 @@
+"""`dynamixer ablate`: does dynamic mixing help? Train a grid of variants, same recipe and data.
+
+Every variant is the same timm model with different constructor options (``model_kwargs``); no
+model code is copied. Each (variant, seed) run trains from scratch with the same data, the same
+recipe and, for a given seed, the same initialisation seed and batch order. The command writes
+
+    OUT/runs/<variant>__seed<k>.json   one finished run (top-1, losses, times, its config)
+    OUT/checkpoints/<variant>__seed<k>.pth   its final weights (this project's checkpoint format)
+    OUT/runs.csv                       one row per run
+    OUT/results.csv, OUT/results.md    one row per variant: top-1 mean / std / min / max over
+                                       seeds, paired difference to the baseline, parameters,
+                                       multiply-adds and images/s
+    OUT/ablation.png                   the same as a plot
+
+Finished runs whose config fingerprint matches are reused, so an interrupted grid resumes.
+
+Under torchrun (WORLD_SIZE > 1) each rank trains its share of the runs (run i goes to rank
+i % world_size), on cuda:LOCAL_RANK when a GPU is present; rank 0 gathers the results with
+torch.distributed and writes the tables. The runs are distributed, not the batches: every run
+is an ordinary single-device training, so results do not depend on the number of ranks.
+"""
+import argparse
+import csv
+import datetime
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+from . import __version__
+
+# The grid. The baseline is dynamixer_nano as registered: S = (4, 8, 8, 8) per stage, d = 2,
+# re-weighted block. Each other variant changes one option.
+BASELINE = 'dynamic'
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    'dynamic': {},
+    'static': dict(mixing='static'),
+    'plain-sum': dict(reweight=False),
+    'd=1': dict(reduced_dim=1),
+    'd=4': dict(reduced_dim=4),
+    'd=8': dict(reduced_dim=8),
+    'S=1': dict(num_segments=1),
+    'S=2': dict(num_segments=2),
+    'S=4': dict(num_segments=4),
+    'S=8': dict(num_segments=8),
+}
+VARIANT_NOTES = {
+    'dynamic': 'DynaMixer block (baseline: S=4,8,8,8, d=2, re-weighted)',
+    'static': 'static mixing: learned N x N logits per segment, input-independent',
+    'plain-sum': "plain sum of h, w, c (paper's Algorithm 1), no re-weighting",
+}
+
+# the default recipe, sized for a 2-core CPU (see docs/ablations.md)
+DEFAULTS = dict(
+    model='dynamixer_nano', epochs=7, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=1,
+    min_lr=1e-5, label_smoothing=0.1, drop_path=0.0, num_train=4000, num_val=2000, canvas=24, align=4,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    parser.add_argument('--data', default='digits',
+                        help="'digits' (built-in left-digit task from scikit-learn's digits, "
+                             "offline) or a folder with train/ and val/ image-class folders")
+    parser.add_argument('--out', default='ablation', help='output folder (default: ./ablation)')
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), metavar='NAME',
+                        help=f'variants to train (default: all of {", ".join(VARIANTS)})')
+    parser.add_argument('--add-variant', action='append', default=[], metavar='NAME=JSON',
+                        help='extra variant: a name and the model options as JSON, e.g. '
+                             '\'d=16={"reduced_dim": 16}\' (repeatable)')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--model', default=d['model'], help='timm model name (default: %(default)s)')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help='input size (default: the canvas for digits, the model\'s for folders)')
+    parser.add_argument('--epochs', type=int, default=d['epochs'])
+    parser.add_argument('--batch-size', type=int, default=d['batch_size'])
+    parser.add_argument('--lr', type=float, default=d['lr'])
+    parser.add_argument('--weight-decay', type=float, default=d['weight_decay'])
+    parser.add_argument('--warmup-epochs', type=int, default=d['warmup_epochs'])
+    parser.add_argument('--min-lr', type=float, default=d['min_lr'])
+    parser.add_argument('--label-smoothing', type=float, default=d['label_smoothing'])
+    parser.add_argument('--drop-path', type=float, default=d['drop_path'])
+    parser.add_argument('--num-train', type=int, default=d['num_train'], help='digits: training canvases')
+    parser.add_argument('--num-val', type=int, default=d['num_val'], help='digits: val canvases')
+    parser.add_argument('--canvas', type=int, default=d['canvas'], help='digits: canvas size')
+    parser.add_argument('--align', type=int, default=d['align'],
+                        help='digits: digit positions on multiples of this many pixels')
+    parser.add_argument('--data-seed', type=int, default=0, help='digits: seed of the generated data set')
+    parser.add_argument('--hflip', type=float, default=0.5,
+                        help='folders: horizontal flip probability (never used for digits, where '
+                             'left and right are the label)')
+    parser.add_argument('--workers', type=int, default=2, help='folders: data loader workers')
+    parser.add_argument('--device', default='auto', help="'auto' (cuda:LOCAL_RANK if present), 'cpu', 'cuda:0'...")
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast on GPU')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads per process (1 is fastest on a busy machine)')
+    parser.add_argument('--no-checkpoints', action='store_true', help='do not save final weights')
+    parser.add_argument('--fresh', action='store_true', help='retrain runs already in OUT/runs')
+    parser.add_argument('--report-only', action='store_true',
+                        help='train nothing: write the tables and plot from the runs in OUT/runs')
+    parser.add_argument('--speed-batch', type=int, default=64, help='batch for the images/s measurement')
+    parser.add_argument('--speed-rounds', type=int, default=30,
+                        help='interleaved timing rounds per variant (0 skips the measurement)')
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+class Normalize(Dataset):
+    """Wrap an (image, label) dataset of float tensors and apply (x - mean) / std."""
+
+    def __init__(self, ds: Dataset, mean: float, std: float):
+        self.ds, self.mean, self.std = ds, mean, std
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        x, y = self.ds[i]
+        return (x - self.mean) / self.std, y
+
+
+class Data(NamedTuple):
+    train: Dataset
+    val: Dataset
+    class_names: List[str]
+    in_chans: int
+    img_size: int
+    mean: Tuple[float, ...]  # the normalisation the model was trained with (saved in checkpoints)
+    std: Tuple[float, ...]
+
+
+def build_data(cfg: Dict[str, Any]) -> Data:
+    """Train and val sets, class names, input shape and normalisation for cfg['data']."""
+    if cfg['data'] == 'digits':
+        from .digits import make_left_digit_task
+        train, val = make_left_digit_task(
+            cfg['num_train'], cfg['num_val'], canvas=cfg['canvas'], align=cfg['align'],
+            seed=cfg['data_seed'])
+        img_size = cfg['img_size'] or cfg['canvas']
+        if img_size != cfg['canvas']:
+            raise ValueError(f'--img-size {img_size} differs from --canvas {cfg["canvas"]}; '
+                             'for the digits task set only --canvas')
+        x = train.tensors[0]
+        mean, std = float(x.mean()), float(x.std())
+        return Data(Normalize(train, mean, std), Normalize(val, mean, std),
+                    [str(k) for k in range(10)], 1, img_size, (mean,), (std,))
+
+    from timm.data import create_dataset, create_transform, resolve_data_config
+    root = cfg['data']
+    for split in ('train', 'val'):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise FileNotFoundError(
+                f"--data {root}: expected a folder with train/ and val/ sub-folders of class "
+                f"folders (missing {os.path.join(root, split)}); or use --data digits")
+    probe = timm.create_model(cfg['model'], pretrained=False)
+    data_cfg = resolve_data_config({}, model=probe)
+    img_size = cfg['img_size'] or data_cfg['input_size'][-1]
+    norm = dict(mean=data_cfg['mean'], std=data_cfg['std'])
+    train = create_dataset('', root=os.path.join(root, 'train'), is_training=True)
+    val = create_dataset('', root=os.path.join(root, 'val'), class_map=None)
+    train.transform = create_transform(img_size, is_training=True, hflip=cfg['hflip'], **norm)
+    val.transform = create_transform(img_size, is_training=False, crop_pct=1.0, **norm)
+    class_to_idx = train.reader.class_to_idx
+    if val.reader.class_to_idx != class_to_idx:
+        raise ValueError(f'{root}: train/ and val/ have different class folders')
+    names = [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    return Data(train, val, names, 3, img_size, tuple(norm['mean']), tuple(norm['std']))
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+# --------------------------------------------------------------------------------------------
+
+def model_kwargs_for(options: Dict[str, Any], num_classes: int, in_chans: int, img_size: int,
+                     drop_path: float, model: str) -> Dict[str, Any]:
+    """The timm.create_model options of a variant. A single int `num_segments` is broadcast to
+    every stage (the model takes one value per stage). Lists, not tuples: checkpoints stay plain."""
+    kw = dict(options)
+    if isinstance(kw.get('num_segments'), int):
+        from .model import MODEL_ARGS
+        stages = len(MODEL_ARGS[model]['depths']) if model in MODEL_ARGS else 4
+        kw['num_segments'] = [kw['num_segments']] * stages
+    kw.update(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_path_rate=drop_path)
+    return kw
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> Tuple[float, float]:
+    """(top-1 in %, mean cross-entropy) over the loader."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x).float()
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction='sum'))
+            correct += int((logits.argmax(-1) == y).sum())
+            n += len(y)
+    return 100.0 * correct / n, loss / n
+
+
+def train_run(
+        name: str,
+        options: Dict[str, Any],
+        seed: int,
+        cfg: Dict[str, Any],
+        data: Data,
+        device: torch.device,
+        checkpoint_path: Optional[str] = None,
+        log=print,
+) -> Dict[str, Any]:
+    """Train one variant from scratch with one seed; return its metrics."""
+    train_set, val_set, class_names, in_chans, img_size = data[:5]
+    kw = model_kwargs_for(options, len(class_names), in_chans, img_size, cfg['drop_path'], cfg['model'])
+    torch.manual_seed(seed)  # same seed -> same init stream and batch order for every variant
+    model = timm.create_model(cfg['model'], **kw).to(device)
+    workers = 0 if cfg['data'] == 'digits' else cfg['workers']
+    loader = DataLoader(train_set, batch_size=cfg['batch_size'], shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed), num_workers=workers,
+                        pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
+    val_loader = DataLoader(val_set, batch_size=256, num_workers=workers)
+    if len(loader) == 0:
+        raise ValueError(f'the training set ({len(train_set)} images) is smaller than one batch '
+                         f'({cfg["batch_size"]}); lower --batch-size')
+    optimizer = create_optimizer_v2(model, 'adamw', lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+    scheduler, _ = create_scheduler_v2(
+        optimizer, 'cosine', num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
+        warmup_lr=cfg['lr'] * 1e-3, min_lr=cfg['min_lr'], step_on_epochs=False,
+        updates_per_epoch=len(loader))
+    loss_fn = LabelSmoothingCrossEntropy(cfg['label_smoothing'])
+    amp = cfg['amp'] and device.type == 'cuda'
+
+    start, step, seen = time.perf_counter(), 0, 0
+    train_loss = float('nan')
+    for epoch in range(cfg['epochs']):
+        model.train()
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(num_updates=step)
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        seen += count
+        train_loss = total / count
+        log(f'  {name} seed {seed}: epoch {epoch + 1}/{cfg["epochs"]} train loss {train_loss:.3f}')
+    train_seconds = time.perf_counter() - start
+    top1, val_loss = evaluate(model, val_loader, device, amp)
+    if not math.isfinite(train_loss):
+        log(f'  {name} seed {seed}: training diverged (loss {train_loss})')
+    result = dict(
+        variant=name, seed=seed, top1=top1, val_loss=val_loss, train_loss=train_loss,
+        train_seconds=train_seconds, train_images_per_s=seen / train_seconds,
+        params=sum(p.numel() for p in model.parameters()), model_kwargs=kw,
+    )
+    if checkpoint_path:
+        os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
+        torch.save(dict(
+            state_dict=model.state_dict(), epoch=cfg['epochs'], step=step,
+            config=dict(cfg, model_kwargs=kw, variant=name, seed=seed,
+                        mean=list(data.mean), std=list(data.std)),
+            class_names=class_names, metrics=dict(top1=top1, val_loss=val_loss, train_loss=train_loss),
+            version=__version__), checkpoint_path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# cost and speed
+# --------------------------------------------------------------------------------------------
+
+def count_macs(model: torch.nn.Module, input_size: Sequence[int]) -> int:
+    """Multiply-adds of one image (FlopCounterMode / 2)."""
+    model = model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_size))
+    return int(counter.get_total_flops() // 2)
+
+
+def measure_speed(models: Dict[str, torch.nn.Module], input_size: Sequence[int], batch: int,
+                  rounds: int, device: torch.device) -> Dict[str, float]:
+    """Inference images/s of each model: the models are timed interleaved, round by round, in
+    one process, so a change of machine load hits all of them alike; median over rounds."""
+    x = torch.randn(batch, *input_size, device=device)
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():  # warm-up
+            m.eval().to(device)(x)
+        for _ in range(rounds):
+            for k, m in models.items():
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                m(x)
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                times[k].append(time.perf_counter() - t)
+    return {k: batch / statistics.median(v) for k, v in times.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# tables and plot
+# --------------------------------------------------------------------------------------------
+
+def summarize(runs: List[Dict[str, Any]], variants: Sequence[str], costs: Dict[str, Dict[str, Any]],
+              baseline: str = BASELINE) -> List[Dict[str, Any]]:
+    """One row per variant: top-1 over seeds (mean, sample std, min, max), the paired (same
+    seed) difference to the baseline, and the variant's costs."""
+    by = {v: {r['seed']: r for r in runs if r['variant'] == v} for v in variants}
+    rows = []
+    for v in variants:
+        seeds = sorted(by[v])
+        if not seeds:
+            continue
+        acc = [by[v][s]['top1'] for s in seeds]
+        row = dict(variant=v, options=json.dumps(VARIANTS.get(v, costs.get(v, {}).get('options', {}))),
+                   seeds=len(seeds), top1_mean=statistics.mean(acc),
+                   top1_std=statistics.stdev(acc) if len(acc) > 1 else float('nan'),
+                   top1_min=min(acc), top1_max=max(acc),
+                   top1_per_seed=' '.join(f'{a:.1f}' for a in acc))
+        paired = [by[v][s]['top1'] - by[baseline][s]['top1'] for s in seeds if s in by.get(baseline, {})]
+        row['delta_mean'] = statistics.mean(paired) if paired and v != baseline else float('nan')
+        row['delta_std'] = statistics.stdev(paired) if len(paired) > 1 and v != baseline else float('nan')
+        row['train_images_per_s'] = statistics.median(by[v][s]['train_images_per_s'] for s in seeds)
+        row.update({k: costs.get(v, {}).get(k, float('nan')) for k in ('params', 'macs', 'images_per_s')})
+        rows.append(row)
+    base = next((r for r in rows if r['variant'] == baseline), None)
+    for r in rows:
+        ok = base is not None and base['images_per_s'] == base['images_per_s'] and base['images_per_s'] > 0
+        r['speed_vs_baseline'] = r['images_per_s'] / base['images_per_s'] if ok else float('nan')
+    return rows
+
+
+def _fmt(x: float, spec: str) -> str:
+    return '-' if x != x else format(x, spec)
+
+
+def write_tables(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], cfg: Dict[str, Any]) -> None:
+    run_fields = ['variant', 'seed', 'top1', 'val_loss', 'train_loss', 'train_seconds', 'train_images_per_s', 'params']
+    with open(os.path.join(out, 'runs.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, run_fields, extrasaction='ignore')
+        w.writeheader()
+        w.writerows(sorted(runs, key=lambda r: (r['variant'], r['seed'])))
+    fields = ['variant', 'options', 'seeds', 'top1_mean', 'top1_std', 'top1_min', 'top1_max', 'top1_per_seed',
+              'delta_mean', 'delta_std', 'params', 'macs', 'images_per_s', 'speed_vs_baseline',
+              'train_images_per_s']
+    with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        f'| variant | top-1 % mean ± std (n) | per seed | Δ vs {BASELINE} (paired) | params | MMACs | '
+        f'images/s (inference) | speed vs {BASELINE} | train images/s |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        delta = '-' if r['variant'] == BASELINE else (
+            f"{_fmt(r['delta_mean'], '+.1f')} ± {_fmt(r['delta_std'], '.1f')}")
+        lines.append(
+            f"| {r['variant']} | {r['top1_mean']:.1f} ± {_fmt(r['top1_std'], '.1f')} ({r['seeds']}) | "
+            f"{r['top1_per_seed']} | {delta} | {_fmt(r['params'], ',.0f')} | {_fmt(r['macs'] / 1e6, '.2f')} | "
+            f"{_fmt(r['images_per_s'], '.0f')} | {_fmt(r['speed_vs_baseline'], '.2f')} | "
+            f"{_fmt(r['train_images_per_s'], '.0f')} |")
+    notes = [f"- `{r['variant']}`: {VARIANT_NOTES.get(r['variant'], 'model options ' + r['options'])}" for r in rows]
+    recipe = {k: cfg[k] for k in ('data', 'model', 'epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs',
+                                  'label_smoothing', 'drop_path', 'num_train', 'num_val', 'canvas', 'align', 'data_seed')}
+    text = '\n'.join([
+        '# Ablation results', '',
+        f'Recipe: `{json.dumps(recipe)}`; seeds {cfg["seeds"]}.', '',
+        *lines, '',
+        'Δ is the mean ± std over seeds of (variant - baseline) for the same seed. Parameters and '
+        'multiply-adds (FlopCounterMode / 2) are per image; images/s is inference at batch '
+        f'{cfg["speed_batch"]}, timed interleaved in one process (median of {cfg["speed_rounds"]} rounds); '
+        'train images/s is the median over seeds of the training runs (affected by machine load).', '',
+        'Variants:', *notes, ''])
+    with open(os.path.join(out, 'results.md'), 'w') as f:
+        f.write(text)
+
+
+def plot(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], title: str = '') -> str:
+    """Two panels: top-1 of every run with mean ± std per variant; mean top-1 against MMACs."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    names = [r['variant'] for r in rows]
+    base = next((r for r in rows if r['variant'] == BASELINE), None)
+    if base is not None and base['top1_std'] == base['top1_std']:
+        ax.axhspan(base['top1_mean'] - base['top1_std'], base['top1_mean'] + base['top1_std'],
+                   color='tab:blue', alpha=0.12, label=f'{BASELINE} mean ± std')
+    for i, r in enumerate(rows):
+        acc = [x['top1'] for x in runs if x['variant'] == r['variant']]
+        ax.scatter([i - 0.15] * len(acc), acc, s=14, color='0.5', zorder=2, label='one seed' if i == 0 else None)
+        ax.errorbar(i + 0.1, r['top1_mean'], yerr=0 if r['top1_std'] != r['top1_std'] else r['top1_std'],
+                    fmt='o', color='tab:red' if r['variant'] == BASELINE else 'k', capsize=4, zorder=3,
+                    label='mean ± std' if i == 0 else None)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha='right')
+    ax.set_ylabel('val top-1 (%)')
+    ax.set_title('top-1 per variant (dots: seeds)')
+    ax.grid(axis='y', alpha=0.3)
+    ax.legend(loc='lower right', fontsize=8)
+    # labels alternate above / below along the cost axis, so close points stay readable
+    for k, r in enumerate(sorted(rows, key=lambda r: r['macs'])):
+        if r['macs'] != r['macs']:
+            continue
+        bx.errorbar(r['macs'] / 1e6, r['top1_mean'], yerr=0 if r['top1_std'] != r['top1_std'] else r['top1_std'],
+                    fmt='o', capsize=3, color='tab:red' if r['variant'] == BASELINE else 'k')
+        bx.annotate(r['variant'], (r['macs'] / 1e6, r['top1_mean']), textcoords='offset points',
+                    xytext=(4, 5) if k % 2 == 0 else (4, -12), fontsize=8)
+    bx.set_xlabel('multiply-adds per image (M)')
+    bx.set_ylabel('val top-1 (%), mean ± std')
+    bx.set_title('accuracy against cost')
+    bx.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out, 'ablation.png')
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+
+def _parse_extra(specs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    extra = {}
+    for spec in specs:
+        name, sep, js = spec.partition('={')
+        try:
+            if not sep:
+                raise ValueError
+            options = json.loads('{' + js)
+            if not isinstance(options, dict):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f'--add-variant {spec!r}: expected NAME={{JSON options}}, '
+                             f'e.g. \'d=16={{"reduced_dim": 16}}\'')
+        extra[name] = options
+    return extra
+
+
+def _fingerprint(cfg: Dict[str, Any], name: str, options: Dict[str, Any], seed: int) -> str:
+    recipe = {k: v for k, v in cfg.items()
+              if k not in ('out', 'variants', 'seeds', 'device', 'threads', 'workers', 'no_checkpoints',
+                           'fresh', 'speed_batch', 'speed_rounds', 'add_variant', 'report_only')}
+    blob = json.dumps(dict(recipe=recipe, name=name, options=options, seed=seed), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _device(spec: str) -> torch.device:
+    if spec == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        return torch.device('cpu')
+    return torch.device(spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = {k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'command'}
+    grid = dict(VARIANTS)
+    grid.update(_parse_extra(args.add_variant))
+    unknown = [v for v in args.variants if v not in grid]
+    if unknown:
+        raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(grid)} or add one with --add-variant')
+    variants = list(dict.fromkeys(args.variants + list(_parse_extra(args.add_variant))))
+    cfg['variants'] = variants
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    device = _device(args.device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                timeout=datetime.timedelta(hours=48))  # ranks wait for the slowest share
+
+    def log(msg: str) -> None:
+        print(f'[rank {rank}] {msg}' if world > 1 else msg, flush=True)
+
+    out = args.out
+    os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
+    data = build_data(cfg)
+    log(f'data: {len(data[0])} train / {len(data[1])} val images, {len(data[2])} classes, '
+        f'{data[4]}x{data[4]}x{data[3]}; device {device}; {world} process(es)')
+
+    # seed-major order: a partial grid has every variant with the first seeds
+    jobs = [(v, s) for s in args.seeds for v in variants]
+    mine = jobs[rank::world]
+    runs = []
+    wall = time.perf_counter()
+    for i, (v, s) in enumerate(mine):
+        fp = _fingerprint(cfg, v, grid[v], s)
+        path = os.path.join(out, 'runs', f'{v}__seed{s}.json')
+        if not args.fresh and os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get('fingerprint') == fp:
+                log(f'[{i + 1}/{len(mine)}] {v} seed {s}: reusing {path} (top-1 {old["top1"]:.1f})')
+                runs.append(old)
+                continue
+        if args.report_only:
+            log(f'[{i + 1}/{len(mine)}] {v} seed {s}: not trained yet (--report-only)')
+            continue
+        ckpt = None if args.no_checkpoints else os.path.join(out, 'checkpoints', f'{v}__seed{s}.pth')
+        log(f'[{i + 1}/{len(mine)}] {v} seed {s}: options {grid[v]}')
+        r = train_run(v, grid[v], s, cfg, data, device, ckpt, log)
+        r['fingerprint'] = fp
+        with open(path, 'w') as f:
+            json.dump(r, f, indent=1)
+        log(f'[{i + 1}/{len(mine)}] {v} seed {s}: top-1 {r["top1"]:.2f} in {r["train_seconds"]:.0f}s '
+            f'(elapsed {time.perf_counter() - wall:.0f}s)')
+        runs.append(r)
+        if world == 1:  # keep the tables current, so an interrupted grid still has results
+            finish(out, runs, variants, grid, cfg, data, device, speed=False)
+
+    if world > 1:
+        gathered: List[Optional[List[Dict[str, Any]]]] = [None] * world
+        dist.all_gather_object(gathered, runs)
+        runs = [r for part in gathered for r in (part or [])]
+    if rank == 0:
+        rows = finish(out, runs, variants, grid, cfg, data, device, speed=args.speed_rounds > 0)
+        log(f'{len(runs)} runs in {time.perf_counter() - wall:.0f}s; wrote {out}/results.md, '
+            f'results.csv, runs.csv, ablation.png')
+        print(open(os.path.join(out, 'results.md')).read())
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def finish(out: str, runs: List[Dict[str, Any]], variants: Sequence[str], grid: Dict[str, Dict[str, Any]],
+           cfg: Dict[str, Any], data: Data, device: torch.device,
+           speed: bool) -> List[Dict[str, Any]]:
+    """Measure costs of the variants present in `runs`, write runs.csv, results.csv/.md and the plot."""
+    _, _, classes, in_chans, img_size = data[:5]
+    present = [v for v in variants if any(r['variant'] == v for r in runs)]
+    models = {}
+    costs: Dict[str, Dict[str, Any]] = {}
+    for v in present:
+        kw = model_kwargs_for(grid[v], len(classes), in_chans, img_size, 0.0, cfg['model'])
+        torch.manual_seed(0)
+        m = timm.create_model(cfg['model'], **kw)
+        costs[v] = dict(options=grid[v], params=sum(p.numel() for p in m.parameters()),
+                        macs=count_macs(m, (in_chans, img_size, img_size)), images_per_s=float('nan'))
+        models[v] = m
+    if speed and models:
+        for v, ips in measure_speed(models, (in_chans, img_size, img_size), cfg['speed_batch'],
+                                    cfg['speed_rounds'], device).items():
+            costs[v]['images_per_s'] = ips
+    rows = summarize(runs, present, costs)
+    with open(os.path.join(out, 'config.json'), 'w') as f:
+        json.dump(dict(cfg, grid={v: grid[v] for v in variants}), f, indent=1)
+    write_tables(out, runs, rows, cfg)
+    plot(out, runs, rows, title=f'{cfg["model"]} on {cfg["data"]}: {len(runs)} runs, {cfg["epochs"]} epochs')
+    return rows

@@ -1,0 +1,188 @@
+"""What a training run leaves behind: progress bar, epoch lines, metrics.csv/.json, a plot,
+TensorBoard events, and files written atomically (a crash while writing never destroys the previous
+version).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ['RunLog', 'atomic_torch_save', 'atomic_write_text', 'save_safetensors', 'plot_history']
+
+_logger = logging.getLogger('dynamixer.train')
+
+
+def _atomic(path: str, write) -> None:
+    """Write via a temporary file in the same folder, fsync, then os.replace over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save(obj, path) that leaves either the old or the new file, never a partial one."""
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_safetensors(model: torch.nn.Module, path: str, config: Dict[str, Any], class_names: Sequence[str]) -> None:
+    """The model's weights as safetensors, with the model name, its arguments and class names as
+    metadata (so `dynamixer predict model.safetensors` knows them)."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {'model': str(config['model']), 'model_kwargs': json.dumps(config.get('model_kwargs', {})),
+            'class_names': json.dumps(list(class_names)), 'format': 'dynamixer'}
+    data = save(tensors, metadata=meta)
+    _atomic(path, lambda f: f.write(data))
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLog:
+    """Logging of one run, on the main process only (`enabled`)."""
+
+    FIELDS = ['epoch', 'step', 'lr', 'train_loss', 'val_loss', 'val_top1', 'val_top5',
+              'ema_loss', 'ema_top1', 'ema_top5', 'images_per_s', 'epoch_s']
+
+    def __init__(self, output: str, config: Dict[str, Any], enabled: bool = True, tensorboard: bool = False,
+                 history: Optional[List[Dict[str, Any]]] = None):
+        self.output = output
+        self.enabled = enabled
+        self.history: List[Dict[str, Any]] = list(history or [])
+        self.writer = None
+        if not enabled:
+            return
+        os.makedirs(output, exist_ok=True)
+        import yaml
+        atomic_write_text(yaml.safe_dump(config, sort_keys=False), os.path.join(output, 'config.yaml'))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from .recipes import ConfigError
+                raise ConfigError('--tensorboard needs the tensorboard package: pip install tensorboard '
+                                  '(or pip install "dynamixer[tensorboard]")') from None
+            self.writer = SummaryWriter(os.path.join(output, 'tensorboard'))
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            _logger.info(text)
+
+    def write_bad_images(self, bad: List[Tuple[str, str]]) -> None:
+        text = ''.join(f'{p}\t{r}\n' for p, r in bad)
+        atomic_write_text(text, os.path.join(self.output, 'bad_images.txt'))
+        _logger.warning('%d unreadable images were skipped; the list is in %s', len(bad),
+                        os.path.join(self.output, 'bad_images.txt'))
+
+    def progress(self, total: int, desc: str, show: bool = True):
+        if not (self.enabled and show):
+            return _NoBar()
+        import sys
+        from tqdm import tqdm
+        # redirected to a file: a line every 30 s rather than a flood of carriage returns
+        tty = sys.stderr.isatty()
+        return tqdm(total=total, desc=desc, leave=not tty, dynamic_ncols=True, unit='step',
+                    mininterval=0.1 if tty else 30.0)
+
+    @staticmethod
+    def advance(bar, loss: float, lr: float, ips: float) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f'loss {loss:.4f}  lr {lr:.2e}  {ips:.0f} img/s', refresh=False)
+
+    def epoch(self, metrics: Dict[str, Any]) -> None:
+        """Record one epoch: summary line, CSV, JSON, TensorBoard."""
+        self.history.append(dict(metrics))
+        if not self.enabled:
+            return
+        m = metrics
+        line = (f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f}  val loss {m['val_loss']:.4f}  "
+                f"top-1 {m['val_top1']:6.2f}%  top-5 {m['val_top5']:6.2f}%")
+        if 'ema_top1' in m:
+            line += f"  EMA top-1 {m['ema_top1']:6.2f}%"
+        line += f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  {m['epoch_s']:.1f} s"
+        _logger.info(line)
+        self._write_tables()
+        if self.writer is not None:
+            for k, v in m.items():
+                if k not in ('epoch', 'step'):
+                    self.writer.add_scalar(k, v, m['epoch'])
+            self.writer.flush()
+
+    def _write_tables(self) -> None:
+        fields = [f for f in self.FIELDS if any(f in h for h in self.history)]
+        lines = [','.join(fields)]
+        for h in self.history:
+            lines.append(','.join('' if h.get(f) is None else f'{h[f]:.6g}' if isinstance(h[f], float) else str(h[f])
+                                  for f in fields))
+        atomic_write_text('\n'.join(lines) + '\n', os.path.join(self.output, 'metrics.csv'))
+        atomic_write_text(json.dumps(self.history, indent=1), os.path.join(self.output, 'metrics.json'))
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        if self.history:
+            plot_history(self.history, os.path.join(self.output, 'curves.png'))
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_history(history: List[Dict[str, Any]], path: str) -> None:
+    """Loss (train, val) and accuracy (top-1, top-5, EMA top-1) per epoch, as a PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [h['epoch'] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    ax_loss.plot(epochs, [h['train_loss'] for h in history], 'o-', label='train (augmented, smoothed targets)')
+    ax_loss.plot(epochs, [h['val_loss'] for h in history], 's-', label='validation')
+    if 'ema_loss' in history[-1]:
+        ax_loss.plot(epochs, [h.get('ema_loss') for h in history], '^--', label='validation (EMA)')
+    ax_loss.set(title='Loss', xlabel='epoch', ylabel='cross-entropy')
+    ax_acc.plot(epochs, [h['val_top1'] for h in history], 's-', label='top-1')
+    ax_acc.plot(epochs, [h['val_top5'] for h in history], 'o-', label='top-5')
+    if 'ema_top1' in history[-1]:
+        ax_acc.plot(epochs, [h.get('ema_top1') for h in history], '^--', label='top-1 (EMA)')
+    best = max(history, key=lambda h: h['val_top1'])
+    ax_acc.plot([best['epoch']], [best['val_top1']], 'k*', markersize=12,
+                label=f"best top-1 {best['val_top1']:.1f}% (epoch {best['epoch']})")
+    values = [v for h in history for v in (h['val_top1'], h['val_top5'], h.get('ema_top1')) if v is not None]
+    ax_acc.set(title='Validation accuracy', xlabel='epoch', ylabel='%', ylim=(max(0.0, min(values) - 5), 100.5))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if len(epochs) < 15:
+            ax.set_xticks(epochs)
+    fig.tight_layout()
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png')
+    plt.close(fig)
+    _atomic(path, lambda f: f.write(buf.getvalue()))

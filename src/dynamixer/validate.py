@@ -1,0 +1,101 @@
+"""`dynamixer validate`: top-1 / top-5 accuracy and loss of a checkpoint on a labelled data set.
+
+The images go through the model's own evaluation transform (resize by its crop_pct with its
+interpolation, centre crop, normalise), from its pretrained config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .checkpoint import CheckpointError
+from .data import DataError, DigitsDataset, _apply_bad_image_policy, _find_split, check_image_folder, eval_transform
+from .predict import load_inference_model
+
+__all__ = ['validate', 'add_arguments', 'run']
+
+
+def _folder_dataset(data: str, split: str, class_names: List[str], bad_images: str):
+    """An ImageDataset of DATA/<split>/<class>/ (or DATA/<class>/) labelled by the checkpoint's classes."""
+    from timm.data import create_dataset
+    root = data
+    if os.path.isdir(data) and _find_split(data, split) is None:
+        folder, classes = check_image_folder(os.path.dirname(os.path.abspath(data)) or '.',
+                                             os.path.basename(os.path.abspath(data)))
+    else:
+        folder, classes = check_image_folder(root, split)
+    unknown = [c for c in classes if c not in class_names]
+    if unknown:
+        raise DataError(
+            f'{folder} has classes the checkpoint does not know: {", ".join(unknown[:10])}'
+            f'{" ..." if len(unknown) > 10 else ""}. The checkpoint has {len(class_names)} classes '
+            f'({", ".join(class_names[:5])}{", ..." if len(class_names) > 5 else ""}).')
+    ds = create_dataset('', root=folder, split='', search_split=False,
+                        class_map={c: class_names.index(c) for c in classes}, input_img_mode=None)
+    ds.reader.samples = _apply_bad_image_policy(ds.reader.samples, bad_images, folder, {})
+    if len(ds) == 0:
+        raise DataError(f'{folder}: no readable images (.png, .jpg, .jpeg) in its class sub-folders')
+    return ds
+
+
+def validate(checkpoint: str, data: Optional[str], split: str = 'validation', model_name: Optional[str] = None,
+             dataset: str = '', batch_size: int = 64, workers: int = 2, bad_images: str = 'skip',
+             device: str = 'auto') -> Dict[str, Any]:
+    """Evaluate `checkpoint` on `data`; returns dict(top1, top5, loss, images, model)."""
+    from .train import evaluate
+    model, info = load_inference_model(checkpoint, model_name)
+    names = info['class_names']
+    if dataset == 'digits':
+        # upsampled straight to the model's input size, as in training
+        ds = DigitsDataset('val' if split != 'train' else 'train', size=int(model.img_size[0]))
+        if info['num_classes'] != 10:
+            raise DataError(f"the digits have 10 classes, the checkpoint {info['num_classes']}")
+    else:
+        if not data:
+            raise DataError('give a data folder (DATA/val/<class>/*.jpg), or --dataset digits')
+        if not info['has_class_names']:  # authors' checkpoints have no class names: folder order
+            folders = check_image_folder(data, split)[1] if _find_split(data, split) else sorted(os.listdir(data))
+            if len(folders) != info['num_classes']:
+                raise DataError(f"the checkpoint has {info['num_classes']} classes, the data "
+                                f'{len(folders)} class folders')
+            names = folders
+        ds = _folder_dataset(data, split, names, bad_images)
+    ds.transform = eval_transform(model)
+    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
+                       ('cpu' if device == 'auto' else device))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
+    result = evaluate(model.to(dev), loader, dev, None)
+    return dict(result, images=len(ds), model=info['model'], checkpoint=checkpoint)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('checkpoint', help="checkpoint: this project's (.pth), the authors', or .safetensors")
+    parser.add_argument('data', nargs='?', default=None, help='data folder (DATA/val/<class>/ or DATA/<class>/)')
+    parser.add_argument('--split', default='validation', help='sub-folder to evaluate (val/validation searched)')
+    parser.add_argument('--dataset', default='', help="'digits' for the embedded validation split")
+    parser.add_argument('--model', default=None, help='model name, when the checkpoint does not record it')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--bad-images', default='skip', choices=['skip', 'error', 'off'])
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--json', action='store_true', help='print the result as JSON')
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        r = validate(args.checkpoint, args.data, args.split, args.model, args.dataset, args.batch_size,
+                     args.workers, args.bad_images, args.device)
+    except (CheckpointError, DataError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{r['model']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
+              f"({r['images']} images)")
+    return 0
