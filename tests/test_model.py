@@ -58,8 +58,8 @@ def test_op_gradients_match_reference():
     w = {k: v.clone().requires_grad_(True) for k, v in authors_names(op, 'mix_h').items()}
     g_out = torch.randn(3, 6, 12, dtype=torch.float64)
     gx, = torch.autograd.grad((op(x) * g_out).sum(), x)
-    gx_ref, gw_ref = torch.autograd.grad((reference_op(x, w, 'mix_h') * g_out).sum(), x), None
-    torch.testing.assert_close(gx, gx_ref[0], rtol=1e-9, atol=1e-10)
+    gx_ref, = torch.autograd.grad((reference_op(x, w, 'mix_h') * g_out).sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-9, atol=1e-10)
     grads = torch.autograd.grad((op(x) * g_out).sum(), list(op.parameters()))
     ref_grads = torch.autograd.grad((reference_op(x, w, 'mix_h') * g_out).sum(), list(w.values()))
     ours = {n: g for (n, _), g in zip(op.named_parameters(), grads)}

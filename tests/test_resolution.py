@@ -27,13 +27,7 @@ def _nano(img_size=32, **kw):
     return timm.create_model(NANO, img_size=img_size, num_classes=kw.pop('num_classes', 10), **kw).eval()
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # these are many tiny ops: on a small shared machine extra threads only oversubscribe it
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

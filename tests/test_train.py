@@ -59,13 +59,7 @@ def weights(path):
     return read_checkpoint(path)['state_dict']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads than free cores spin and crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
