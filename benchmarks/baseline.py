@@ -76,17 +76,31 @@ class BaselineBlock(nn.Module):
         return self.proj(h * a[0] + w * a[1] + c * a[2])
 
 
+class BaselineLayer(nn.Module):
+    """Pre-norm residual layer, step by step: x + block(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, layer: nn.Module, token_mixer: nn.Module):
+        super().__init__()
+        self.norm1, self.token_mixer, self.drop_path1 = layer.norm1, token_mixer, layer.drop_path1
+        self.norm2, self.mlp, self.drop_path2 = layer.norm2, layer.mlp, layer.drop_path2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.token_mixer(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
 def baseline_model(model: nn.Module) -> nn.Module:
-    """A copy of a library DynaMixer with every token mixer replaced by `BaselineBlock`."""
-    from dynamixer.model import DynaMixerBlock
+    """A copy of a library DynaMixer whose mixer layers are `BaselineLayer`s with `BaselineBlock`s."""
+    from dynamixer.model import MixerLayer
     ref = copy.deepcopy(model)
-    for layer in ref.modules():
-        mixer = getattr(layer, 'token_mixer', None)
-        if isinstance(mixer, DynaMixerBlock):
+    for stage in ref.stages:
+        for j, layer in enumerate(stage.blocks):
+            assert isinstance(layer, MixerLayer)
+            mixer = layer.token_mixer
             op = mixer.mix_h
             new = BaselineBlock(
                 mixer.dim, (mixer.mix_h.seq_len, mixer.mix_w.seq_len), op.num_segments,
                 op.reduced_dim, op.mixing, mixer.reweight is not None)
             new.load_state_dict(mixer.state_dict())
-            layer.token_mixer = new.to(next(mixer.parameters()))
+            stage.blocks[j] = BaselineLayer(layer, new.to(next(mixer.parameters())))
     return ref

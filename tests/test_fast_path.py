@@ -99,6 +99,49 @@ def test_block_forward_and_grads_match_reference(reweight, grid, dim, segments, 
     _grads_close(list(_block_weights(blk).values()), list(w.values()))
 
 
+@pytest.mark.parametrize('chunked', [False, True])
+@pytest.mark.parametrize('reweight', [True, False])
+@pytest.mark.parametrize('grid,dim,segments,d', [((5, 7), 12, 3, 3), ((6, 6), 8, 2, 2)])
+def test_block_inference_path_matches_reference(monkeypatch, chunked, reweight, grid, dim, segments, d):
+    """No autograd: both mixing branches write into one buffer that feeds one GEMM per image chunk."""
+    import dynamixer.fast_mixing as fm
+    if chunked:   # one sequence batch entry and one image per chunk
+        monkeypatch.setattr(fm, 'CHUNK_ELEMENTS', 1)
+        monkeypatch.setattr(fm, 'WEIGHT_CHUNK_ELEMENTS', 1)
+    blk = _randomize(DynaMixerBlock(dim, grid, segments, d, reweight=reweight).double(), std=0.3)
+    x = torch.randn(3, *grid, dim, dtype=torch.float64)
+    calls = []
+    real = fm.reweighted_sum
+    monkeypatch.setattr(dm, 'reweighted_sum', lambda inputs, *a: calls.append(len(inputs)) or real(inputs, *a))
+    with torch.no_grad():
+        y = blk(x)
+    assert calls == [2]   # [h | w] buffer and the block input
+    yr = reference_block(x, _block_weights(blk), 'b', reweight=reweight)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('chunk', [1, 7, 10_000])
+def test_layer_inference_path_equals_plain_layer(monkeypatch, chunk):
+    """Eval-mode CPU inference runs the MLP over chunks of tokens, in place; same function."""
+    monkeypatch.setattr(dm, 'MLP_CHUNK_TOKENS', chunk)
+    layer = _randomize(dm.MixerLayer(12, (5, 7), 3, 3, drop_path=0.2).double(), std=0.3).eval()
+    x = torch.randn(2, 5, 7, 12, dtype=torch.float64)
+    x0 = x.clone()
+    with torch.no_grad():
+        fused = layer(x)
+        assert layer._fused_inference_ok(x)
+        plain = x + layer.token_mixer(layer.norm1(x))
+        plain = plain + layer.mlp(layer.norm2(plain))
+    assert torch.equal(x, x0)   # the input is not modified in place
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    # training mode (drop-path active), autograd, and CPU autocast keep the plain layer
+    assert not layer.train()._fused_inference_ok(x)
+    layer.eval()
+    assert not layer._fused_inference_ok(x.requires_grad_())
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not layer._fused_inference_ok(x)
+
+
 def test_block_uses_fast_path_and_stores_no_mixing_matrices():
     blk = _randomize(DynaMixerBlock(16, (8, 8), 4, 2))
     x = torch.randn(2, 8, 8, 16, requires_grad=True)

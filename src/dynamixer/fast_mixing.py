@@ -1,31 +1,37 @@
-"""Copy-free dynamic mixing for eager PyTorch (CPU, and GPUs without Triton).
+"""Fast dynamic mixing for eager PyTorch (CPU, and GPUs without Triton).
 
-The straightforward implementation permutes the input into a (sequence, segment, token, feature)
-layout, runs a softmax over a strided axis, a batched matmul and permutes back: four full copies
-of the activations per branch, and autograd keeps the copies and the N x N mixing matrices of
-every sequence and segment. Here:
+The straightforward implementation permutes the whole input into a (sequence, segment, token,
+feature) layout, generates the N x N logits of every sequence and segment at once, runs a softmax
+over a strided axis, a batched matmul and permutes back; autograd keeps the copies and the mixing
+matrices of every sequence. Here:
 
 * The generator's output rows are permuted once per call (a copy of the small weight, not of the
   activations) so that its logits come out as [output token j, input token i]: the softmax over
   the input tokens runs along the contiguous last axis, and the result is already the matrix that
   multiplies the tokens.
-* The mixing reads the tokens of every (sequence, segment) straight from the channels-last grid
-  and writes its result straight into a channels-last buffer: each segment of a row or column is
-  an ordinary strided matrix, so `torch.bmm` with strided operands and `out=` needs no copy.
+* Sequences are processed in chunks whose mixing matrices fit in about 1 MiB: generate,
+  normalise, gather the chunk's tokens into one contiguous (sequence x segment, N, C/S) block,
+  one batched GEMM, scatter the result into the output, all while the chunk is in cache and into
+  buffers reused from chunk to chunk. (Batched GEMMs with strided operands or outputs measured
+  2-4x slower on the CPU: PyTorch then loops over the small matrices one by one.)
+* The output can be written into a slot of a larger buffer, so that both mixing branches sit side
+  by side and feed one GEMM (`reweighted_sum`).
 * `DynamicMix` (an autograd Function) stores only its input and the small reduced features; the
-  mixing matrices are recomputed in the backward pass (one small GEMM and a softmax) instead of
-  being kept for every sequence, which is where most of the straightforward version's memory goes.
+  mixing matrices are recomputed chunk by chunk in the backward pass instead of being kept for
+  every sequence, which is where most of the straightforward version's memory goes.
 
 Layout used throughout: tokens ``x4`` of shape (B, N, L, C) mixes along N, for the B*L sequences
-(B, :, l); mixing matrices ``pt`` of shape (B, L, S, N_out, N_in).
+(B, :, l); reduced features ``r2`` (B*L*S, N*d), token-major per (sequence, segment).
 """
 from typing import List, Optional, Tuple
+
+import math
 
 import torch
 
 __all__ = [
-    'generator_rows_out_major', 'reduced_token_major', 'mixing_probs', 'mix_tokens', 'mix_outer',
-    'dynamic_mix_forward', 'DynamicMix', 'reweighted_sum', 'ReweightedSum',
+    'generator_rows_out_major', 'reduced_token_major', 'dynamic_mix_forward', 'DynamicMix', 'reweighted_sum',
+    'ReweightedSum',
 ]
 
 
@@ -42,83 +48,73 @@ def reduced_token_major(r: torch.Tensor, b: int, n: int, l: int, s: int, d: int)
     return r.reshape(b, n, l, s, d).permute(0, 2, 3, 1, 4).reshape(b * l * s, n * d)
 
 
-def mixing_probs(r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shape: List[int]) -> torch.Tensor:
-    """Generator + softmax over input tokens: -> (B, L, S, N_out, N_in), rows sum to 1."""
-    logits = torch.addmm(bias, r2, weight.t())
-    return torch.softmax(logits.view(shape), dim=-1)
-
-
-def _token_views(t4: torch.Tensor, s: int) -> List[torch.Tensor]:
-    """(B, N, L, C) -> list of (batch, N, C/S) strided views covering every (sequence, segment).
-
-    With L == 1 one view per segment (batch B); otherwise one per image (batch L*S), because a
-    (column, segment) pair of one image is a single stride apart in the channels-last grid.
-    """
-    bsz, n, l, c = t4.shape
-    cs = c // s
-    if l == 1:
-        return [t4[:, :, 0, i * cs:(i + 1) * cs] for i in range(s)]
-    if t4.stride(3) != 1 or t4.stride(2) != c:
-        raise RuntimeError('mix_tokens needs each token\'s channels contiguous')
-    return [t4[i].unflatten(-1, (s, cs)).flatten(1, 2).transpose(0, 1) for i in range(bsz)]
-
-
-def _matrix_views(pt: torch.Tensor) -> List[torch.Tensor]:
-    """(B, L, S, N, N) -> list of (batch, N, N) views matching `_token_views`."""
-    bsz, l, s, n, _ = pt.shape
-    if l == 1:
-        return [pt[:, 0, i] for i in range(s)]
-    return [pt[i].reshape(l * s, n, n) for i in range(bsz)]
-
-
-def mix_tokens(pt: torch.Tensor, x4: torch.Tensor, out: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """out[b, j, l, seg s] = sum_i pt[b, l, s, j, i] * x4[b, i, l, seg s]   (pt^T with transpose).
-
-    x4, out: (B, N, L, C), channels contiguous; pt: (B, L, S, N, N). Writes `out` in place.
-    """
-    s = pt.shape[2]
-    for p, xv, ov in zip(_matrix_views(pt), _token_views(x4, s), _token_views(out, s)):
-        torch.bmm(p.transpose(-1, -2) if transpose else p, xv, out=ov)
-    return out
-
-
-def mix_outer(g4: torch.Tensor, x4: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[b, l, s, j, i] = sum_c g4[b, j, l, seg s, c] * x4[b, i, l, seg s, c] (mixing-matrix grad)."""
-    s = out.shape[2]
-    for ov, gv, xv in zip(_matrix_views(out), _token_views(g4, s), _token_views(x4, s)):
-        torch.bmm(gv, xv.transpose(-1, -2), out=ov)
-    return out
-
-
 # Mixing matrices of one chunk of sequences stay below this many elements (about 1 MiB in
-# float32): they are generated, normalised and used while in cache, and the allocator reuses the
-# chunk buffers instead of faulting in fresh pages for a (sequences x S x N x N) tensor.
+# float32): they are generated, normalised and used while in cache, and the chunk's buffers are
+# reused instead of faulting in fresh pages for a (sequences x S x N x N) tensor.
 CHUNK_ELEMENTS = 1 << 18
 
 
-def _chunks(x4: torch.Tensor, s: int) -> List[Tuple[int, int]]:
-    bsz, n, l, _ = x4.shape
-    step = max(1, CHUNK_ELEMENTS // (l * s * n * n))
-    return [(i, min(i + step, bsz)) for i in range(0, bsz, step)]
+def _chunk_size(x4: torch.Tensor, s: int) -> int:
+    """Sequence-batch entries (first axis of x4) per chunk."""
+    _, n, l, _ = x4.shape
+    return max(1, CHUNK_ELEMENTS // (l * s * n * n))
+
+
+def _gather(t4: torch.Tensor, s: int, buf: torch.Tensor) -> torch.Tensor:
+    """(k, N, L, C) tokens -> buf viewed (k*L*S, N, C/S): each (sequence, segment) one contiguous
+    matrix, so that one batched GEMM (MKL's strided batch) serves the whole chunk."""
+    k, n, l, c = t4.shape
+    buf = buf[:k * l * s]
+    buf.view(k, l, s, n, c // s).copy_(t4.unflatten(-1, (s, c // s)).permute(0, 2, 3, 1, 4))
+    return buf
+
+
+def _scatter(m: torch.Tensor, out4: torch.Tensor) -> None:
+    """Inverse of `_gather`: (k*L*S, N, C/S) -> out4 (k, N, L, C), which may be a strided view."""
+    k, n, l, c = out4.shape
+    s = c // m.shape[-1]
+    out4.unflatten(-1, (s, c // s)).copy_(m.view(k, l, s, n, c // s).permute(0, 3, 1, 2, 4))
 
 
 def dynamic_mix_forward(x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        s: int) -> torch.Tensor:
-    """Generate, normalise and mix, chunk by chunk: (B, N, L, C) -> (B, N, L, C) contiguous."""
+                        s: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Generate, normalise and mix, chunk by chunk: (B, N, L, C) -> (B, N, L, C).
+
+    `weight` (N*N, N*d) and `bias` (N*N) are the generator's, rows [input i, output j]. Writes into
+    `out` when given (it may be a strided view, e.g. one branch's slot in a concatenated buffer);
+    otherwise returns a new contiguous tensor.
+    """
     bsz, n, l, c = x4.shape
-    out = torch.empty((bsz, n, l, c), dtype=x4.dtype, device=x4.device)
+    if out is None:
+        out = torch.empty((bsz, n, l, c), dtype=x4.dtype, device=x4.device)
     rows = l * s
-    for i, j in _chunks(x4, s):
-        pt = mixing_probs(r2[i * rows:j * rows], weight, bias, [j - i, l, s, n, n])
-        mix_tokens(pt, x4[i:j], out[i:j])
+    step = _chunk_size(x4, s)
+    logits = x4.new_empty((step * rows, n * n))
+    tokens = x4.new_empty((step * rows, n, c // s))
+    mixed = torch.empty_like(tokens)
+    for i in range(0, bsz, step):
+        j = min(i + step, bsz)
+        m = (j - i) * rows
+        p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m])
+        torch.bmm(p.transpose(1, 2), _gather(x4[i:j], s, tokens), out=mixed[:m])
+        _scatter(mixed[:m], out[i:j])
     return out
+
+
+def _probs(r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Mixing matrices P[i, j] (m, N_in, N_out), normalised over the input token i. The softmax
+    over the middle axis is vectorised along j and measured faster than one along a last axis of
+    16-32 elements; P^T is a free transposed operand for the GEMMs."""
+    n = math.isqrt(weight.shape[0])
+    p = torch.addmm(bias, r2, weight.t(), out=buf).view(-1, n, n)
+    return torch.softmax(p, dim=-2)
 
 
 class DynamicMix(torch.autograd.Function):
     """Generate, normalise and mix; recomputes the mixing matrices in backward.
 
     Inputs: x4 (B, N, L, C) tokens, r2 (B*L*S, N*d) reduced features (token-major), weight
-    (N*N, N*d) and bias (N*N) of the generator with rows [out j, in i]. Output: (B, N, L, C).
+    (N*N, N*d) and bias (N*N) of the generator (rows [in i, out j]). Output: (B, N, L, C).
     Saves only x4 and r2 (r2 is S*d/C of the activations' size).
     """
 
@@ -134,19 +130,27 @@ class DynamicMix(torch.autograd.Function):
         s = ctx.s
         bsz, n, l, c = x4.shape
         rows = l * s
-        grad = grad.contiguous()
         need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
-        dx = torch.empty_like(grad) if need_x else None
+        need_p = need_r or need_w or need_b
+        dx = torch.empty(x4.shape, dtype=grad.dtype, device=grad.device) if need_x else None
         dr2 = torch.empty_like(r2) if need_r else None
         dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros_like(bias) if need_b else None
-        for i, j in _chunks(x4, s):
-            pt = mixing_probs(r2[i * rows:j * rows], weight, bias, [j - i, l, s, n, n])
-            if dx is not None:
-                mix_tokens(pt, grad[i:j], dx[i:j], transpose=True)
-            if need_r or need_w or need_b:
-                dp = mix_outer(grad[i:j], x4[i:j], torch.empty_like(pt))
-                dlogits = torch._softmax_backward_data(dp, pt, -1, pt.dtype).view(-1, n * n)
+        step = _chunk_size(x4, s)
+        logits = x4.new_empty((step * rows, n * n))
+        g_buf, x_buf = x4.new_empty((step * rows, n, c // s)), x4.new_empty((step * rows, n, c // s))
+        mixed = torch.empty_like(g_buf)
+        for i in range(0, bsz, step):
+            j = min(i + step, bsz)
+            m = (j - i) * rows
+            p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m])      # [in i, out j]
+            g = _gather(grad[i:j], s, g_buf)
+            if dx is not None:                                              # dx = P g
+                torch.bmm(p, g, out=mixed[:m])
+                _scatter(mixed[:m], dx[i:j])
+            if need_p:                                                      # dP[i, j] = x_i . g_j
+                dp = torch.bmm(_gather(x4[i:j], s, x_buf), g.transpose(1, 2))
+                dlogits = torch._softmax_backward_data(dp, p, -2, p.dtype).view(m, n * n)
                 if dr2 is not None:
                     torch.mm(dlogits, weight, out=dr2[i * rows:j * rows])
                 if dw is not None:
@@ -156,25 +160,58 @@ class DynamicMix(torch.autograd.Function):
         return dx, dr2, dw, db, None
 
 
-def reweighted_sum(branches: List[torch.Tensor], weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
-                   a: torch.Tensor) -> torch.Tensor:
-    """z = sum_k a[..., k] * (branches[k] @ weights[k]^T + biases[k]): (B, T, C) each -> (B, T, C).
+# Per-image projection weights of one chunk of images stay below this many elements (2 MiB in
+# float32), so that they are still in cache when the GEMM reads them.
+WEIGHT_CHUNK_ELEMENTS = 1 << 19
 
-    `a` (B, C, K) weights every branch's output channels per image. With T >= C the weights are
-    folded into per-image projection weights (h, w and c are never materialised); otherwise the
-    branch outputs are formed with one large GEMM each and combined in place.
+
+def reweighted_sum(inputs: List[torch.Tensor], weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]],
+                   a: torch.Tensor) -> torch.Tensor:
+    """z = sum_k a[..., k] * (o_k @ weights[k]^T + biases[k]) for K branches o_k: -> (B, T, C).
+
+    `inputs` hold the branches in order, each (B, T, m*C) with m >= 1 branches side by side (the
+    two mixing branches can share one buffer). `a` (B, C, K) weights every branch's output
+    channels per image; it is folded into per-image weights (a column scaling of each W_k^T,
+    K*C*C multiplies per image), so each input takes one batched GEMM over all its branches and
+    no branch output (T x C per branch and image) is ever formed. On the CPU the images go in
+    chunks whose weights fit in cache.
     """
-    bsz, t, c = branches[0].shape
-    bias = sum(a[..., k] * b for k, b in enumerate(biases) if b is not None)
-    if t >= c:
-        z = None
-        for k, (o, w) in enumerate(zip(branches, weights)):
-            wk = (w * a[..., k, None]).transpose(1, 2)                  # (B, C_in, C_out)
-            z = torch.baddbmm(bias[:, None], o, wk) if z is None else z.baddbmm_(o, wk)
-        return z
-    z = torch.zeros_like(branches[0]) + bias[:, None]
-    for k, (o, w) in enumerate(zip(branches, weights)):
-        z.addcmul_(torch.matmul(o, w.t()), a[:, None, :, k])
+    bsz, t = inputs[0].shape[:2]
+    c = weights[0].shape[0]
+    kc = len(weights) * c
+    if sum(inp.shape[-1] for inp in inputs) != kc:
+        raise ValueError('inputs must hold one branch per weight')
+    terms = [a[..., k] * b for k, b in enumerate(biases) if b is not None]
+    bias = sum(terms) if terms else None
+    if torch.is_grad_enabled() and any(v.requires_grad for v in [a, *inputs, *weights]):
+        # differentiable form (direct calls; ReweightedSum runs its forward without autograd)
+        wc = torch.cat([w * a[:, :, k, None] for k, w in enumerate(weights)], dim=-1)
+        cols = torch.cumsum(torch.tensor([0] + [inp.shape[-1] for inp in inputs]), 0).tolist()
+        z = sum(torch.bmm(inp, wc[:, :, cols[n]:cols[n + 1]].transpose(1, 2)) for n, inp in enumerate(inputs))
+        return z if bias is None else z + bias[:, None]
+    step = bsz if a.is_cuda else max(1, WEIGHT_CHUNK_ELEMENTS // (c * kc))
+    wbuf = a.new_empty((min(step, bsz), c, kc))                         # per image: [a_k * W_k] side by side
+    z = None if step >= bsz else torch.empty((bsz, t, c), dtype=inputs[0].dtype, device=inputs[0].device)
+    for i in range(0, bsz, step):
+        j = min(i + step, bsz)
+        wc = wbuf[:j - i]
+        for k, w in enumerate(weights):
+            torch.mul(w, a[i:j, :, k, None], out=wc[:, :, k * c:(k + 1) * c])
+        zc = None if z is None else z[i:j]
+        col = 0
+        for inp in inputs:
+            wk = wc[:, :, col:col + inp.shape[-1]].transpose(1, 2)         # (images, m*C, C)
+            if col > 0:
+                assert zc is not None
+                zc.baddbmm_(inp[i:j], wk)
+            elif bias is not None:
+                zc = torch.baddbmm(bias[i:j, None], inp[i:j], wk, out=zc)
+            else:
+                zc = torch.bmm(inp[i:j], wk, out=zc)
+            col += inp.shape[-1]
+        if z is None:
+            z = zc
+    assert z is not None
     return z
 
 
