@@ -123,23 +123,59 @@ def test_block_inference_path_matches_reference(monkeypatch, chunked, reweight, 
 @pytest.mark.parametrize('chunk', [1, 7, 10_000])
 def test_layer_inference_path_equals_plain_layer(monkeypatch, chunk):
     """Eval-mode CPU inference runs the MLP over chunks of tokens, in place; same function."""
-    monkeypatch.setattr(dm, 'MLP_CHUNK_TOKENS', chunk)
+    import dynamixer.fast_mlp as fmlp
+    monkeypatch.setattr(fmlp, 'MLP_CHUNK_TOKENS', chunk)
+    calls = []
+    real = fmlp.mlp_residual_inference_
+    monkeypatch.setattr(dm, 'mlp_residual_inference_', lambda *a: calls.append(1) or real(*a))
     layer = _randomize(dm.MixerLayer(12, (5, 7), 3, 3, drop_path=0.2).double(), std=0.3).eval()
     x = torch.randn(2, 5, 7, 12, dtype=torch.float64)
     x0 = x.clone()
     with torch.no_grad():
         fused = layer(x)
-        assert layer._fused_inference_ok(x)
+        assert calls == [1]
         plain = x + layer.token_mixer(layer.norm1(x))
         plain = plain + layer.mlp(layer.norm2(plain))
     assert torch.equal(x, x0)   # the input is not modified in place
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
-    # training mode (drop-path active), autograd, and CPU autocast keep the plain layer
-    assert not layer.train()._fused_inference_ok(x)
+    # training mode (drop-path active), autograd, and CPU autocast do not take it
+    assert not layer.train()._fast_mlp_ok(x)[1]
     layer.eval()
-    assert not layer._fused_inference_ok(x.requires_grad_())
+    assert layer._fast_mlp_ok(x.requires_grad_()) == (True, False)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not layer._fused_inference_ok(x)
+        assert layer._fast_mlp_ok(x) == (False, False)
+
+
+def test_recompute_gelu_mlp_gradcheck_and_layer_training():
+    from dynamixer.fast_mlp import RecomputeGeluMlp
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(9, 4, dtype=torch.float64, requires_grad=True), torch.randn(9, dtype=torch.float64, requires_grad=True)
+    w2, b2 = torch.randn(4, 9, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for approximate in ('none', 'tanh'):
+        assert torch.autograd.gradcheck(lambda *a: RecomputeGeluMlp.apply(*a, approximate), (x, w1, b1, w2, b2))
+    # in a training layer it replaces the MLP module: same output and gradients as the plain layer
+    layer = _randomize(dm.MixerLayer(12, (5, 7), 3, 3).double(), std=0.3).train()
+    x = torch.randn(2, 5, 7, 12, dtype=torch.float64, requires_grad=True)
+    assert layer._fast_mlp_ok(x) == (True, False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    hidden = 2 * 5 * 7 * 36
+    assert sum(1 for shp in saved if shp.numel() == hidden) == 1   # one (tokens, 3C) tensor: fc1's output
+    y.square().sum().backward()
+    grads = {k: p.grad.clone() for k, p in layer.named_parameters()}
+    xg = x.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        xx = x + layer.token_mixer(layer.norm1(x))
+        y_plain = xx + layer.mlp(layer.norm2(xx))
+    assert sum(1 for shp in saved if shp.numel() == hidden) == 3   # the plain MLP keeps two
+    torch.testing.assert_close(y, y_plain, rtol=1e-12, atol=1e-12)
+    y_plain.square().sum().backward()
+    torch.testing.assert_close(x.grad, xg, rtol=1e-10, atol=1e-12)
+    for k, p in layer.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-10, atol=1e-12, msg=k)
 
 
 def test_block_uses_fast_path_and_stores_no_mixing_matrices():
@@ -152,11 +188,12 @@ def test_block_uses_fast_path_and_stores_no_mixing_matrices():
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         blk(x)
-    # neither the (..., S, N, N) matrices nor any (B, H, W, C)-sized branch besides the input
+    # no (..., S, N, N) mixing matrices; of the (B, H, W, C)-sized tensors only the block input,
+    # the two mixed-token tensors and the projection's input (h, w, c are never formed)
     assert not any(len(s) >= 2 and s[-1] == s[-2] == 8 for s, _, _ in saved)
     big = {ptr for _, ptr, nbytes in saved if nbytes >= x.numel() * x.element_size()}
     assert x.untyped_storage().data_ptr() in big
-    assert len(big) == 2, saved   # the block input (as views) and the projection's input
+    assert len(big) == 4, saved
 
 
 def test_dynamic_mix_gradcheck():
@@ -208,7 +245,7 @@ def test_reweighted_sum_gradcheck_and_both_forms():
         torch.testing.assert_close(reweighted_sum(branches, weights, biases, a), direct)
 
         def fn(a, *args):
-            return ReweightedSum.apply(lambda: [o.detach() for o in args[0::3]], a, *args)
+            return ReweightedSum.apply(a, *args)
         args = [v for k in range(3) for v in (branches[k], weights[k], biases[k])]
         assert torch.autograd.gradcheck(fn, (a, *args))
 

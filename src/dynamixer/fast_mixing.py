@@ -216,38 +216,35 @@ def reweighted_sum(inputs: List[torch.Tensor], weights: List[torch.Tensor], bias
 
 
 class ReweightedSum(torch.autograd.Function):
-    """`reweighted_sum` that stores no branch: `recompute()` gives them again in backward.
+    """`reweighted_sum` whose backward needs only the branch inputs, not h, w, c.
 
     The weight gradient of branch k is sum_b a_b[:, k] * (dz_b^T o_b), and the gradient of a_b[:, k]
-    is the row-wise dot of W_k with the same (C x C) product: one per-image GEMM gives both, so h,
-    w and c are needed neither in forward nor in backward.
-    Inputs: a (B, C, K), then per branch its input (B, T, C), weight (C, C) and bias (C or None),
-    and `recompute`, a callable returning the branch inputs.
+    is the row-wise dot of W_k with the same (C x C) product: one per-image GEMM gives both.
+    Inputs: a (B, C, K), then per branch its input (B, T, C), weight (C, C) and bias (C or None).
     """
 
     @staticmethod
-    def forward(ctx, recompute, a: torch.Tensor, *args):
+    def forward(ctx, a: torch.Tensor, *args):
         k = len(args) // 3
         branches, weights, biases = list(args[0::3]), list(args[1::3]), list(args[2::3])
-        ctx.recompute, ctx.k = recompute, k
+        ctx.k = k
         ctx.has_bias = [b is not None for b in biases]
-        ctx.save_for_backward(a, *weights, *[b for b in biases if b is not None])
+        ctx.save_for_backward(a, *branches, *weights, *[b for b in biases if b is not None])
         return reweighted_sum(branches, weights, biases, a)
 
     @staticmethod
     def backward(ctx, dz: torch.Tensor):
         saved = ctx.saved_tensors
         k = ctx.k
-        a, weights, rest = saved[0], saved[1:1 + k], list(saved[1 + k:])
+        a, branches, weights, rest = saved[0], saved[1:1 + k], saved[1 + k:1 + 2 * k], list(saved[1 + 2 * k:])
         biases = [rest.pop(0) if hb else None for hb in ctx.has_bias]
-        branches = ctx.recompute()
         dz = dz.contiguous()
         dz_sum = dz.sum(1)                                               # (B, C)
-        da = torch.zeros_like(a) if ctx.needs_input_grad[1] else None
+        da = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
         grads = []
         for i, (o, w, b) in enumerate(zip(branches, weights, biases)):
             ai = a[..., i]                                               # (B, C)
-            need_o, need_w, need_b = ctx.needs_input_grad[2 + 3 * i:5 + 3 * i]
+            need_o, need_w, need_b = ctx.needs_input_grad[1 + 3 * i:4 + 3 * i]
             do = torch.matmul(dz * ai[:, None], w) if need_o else None
             dw = db = None
             if need_w or da is not None:
@@ -262,4 +259,4 @@ class ReweightedSum(torch.autograd.Function):
             if b is not None and need_b:
                 db = (dz_sum * ai).sum(0)
             grads += [do, dw, db]
-        return (None, da, *grads)
+        return (da, *grads)

@@ -35,6 +35,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .fast_mixing import (
     DynamicMix, ReweightedSum, dynamic_mix_forward, generator_rows_out_major, reduced_token_major, reweighted_sum)
+from .fast_mlp import RecomputeGeluMlp, mlp_residual_inference_
 
 __all__ = [
     'DynaMixerOp', 'DynaMixerBlock', 'MixerLayer', 'DynaMixerStage', 'DynaMixer',
@@ -184,46 +185,36 @@ class DynaMixerOp(nn.Module):
         return logits.softmax(dim=-2)
 
     @torch.jit.unused
-    def mix_tokens_fast(
-            self, x4: torch.Tensor, r: torch.Tensor, out: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    def mix_tokens_fast(self, x4: torch.Tensor, r: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Dynamic mixing without the output projection (see `fast_mixing`).
 
         x4: (B, N, L, C) tokens mixed along N (channels contiguous); r: their reduced features
         (B, N, L, S*d). Returns the mixed tokens (B, N, L, C), written into `out` when given
-        (inference only), and a function that recomputes them (without autograd) for a backward
-        pass that did not keep them.
+        (inference only).
         """
         assert self.reduce is not None and self.generate is not None
         b, n, l, _ = x4.shape
         s, d = self.num_segments, self.reduced_dim
         r2 = reduced_token_major(r, b, n, l, s, d)
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x4, r2, self.generate.weight))
         if x4.is_cuda and _triton_mixing_available():
-            from .triton_mixing import triton_dynamic_mix as mix, triton_mix_forward
-            mix_forward = triton_mix_forward
+            from .triton_mixing import triton_dynamic_mix, triton_mix_forward
             weight, bias = generator_rows_out_major(self.generate.weight, self.generate.bias, n)
-        else:
-            mix, mix_forward = DynamicMix.apply, dynamic_mix_forward
-            weight, bias = self.generate.weight, self.generate.bias
-        saved = [t.detach() for t in (x4, r2, weight, bias)]
-
-        def recompute() -> torch.Tensor:
-            with torch.no_grad():
-                return mix_forward(saved[0], saved[1], saved[2], saved[3], s)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x4, r2, weight, bias)):
+            if training:
+                return triton_dynamic_mix(x4, r2, weight, bias, s)
+            o = triton_mix_forward(x4, r2, weight, bias, s)
+            return o if out is None else out.copy_(o)
+        weight, bias = self.generate.weight, self.generate.bias
+        if training:
             assert out is None, 'out= is for inference only'
-            return mix(x4, r2, weight, bias, s), recompute
-        if out is None:
-            return mix_forward(x4, r2, weight, bias, s), recompute
-        if mix_forward is dynamic_mix_forward:
-            return dynamic_mix_forward(x4, r2, weight, bias, s, out=out), recompute
-        return out.copy_(mix_forward(x4, r2, weight, bias, s)), recompute
+            return DynamicMix.apply(x4, r2, weight, bias, s)
+        return dynamic_mix_forward(x4, r2, weight, bias, s, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and _fast_path_ok(x, self.static_logits is None, self.seq_len):
             n, c = x.shape[-2], x.shape[-1]
             x4 = x.reshape(-1, n, 1, c)
-            out, _ = self.mix_tokens_fast(x4, self.reduce(x4))
+            out = self.mix_tokens_fast(x4, self.reduce(x4))
             return self.proj(out.view(x.shape))
         s = self.num_segments
         p = self.mixing_weights(x)                              # (..., S, N_in, N_out)
@@ -266,8 +257,8 @@ class DynaMixerBlock(nn.Module):
         re-weighting mean is taken before them, and `reweighted_sum` folds a_h, a_w, a_c into
         per-image projection weights: h, w and c are never formed. In inference both mixing
         branches write into one (B, H, W, 2C) buffer that feeds a single GEMM. In training,
-        `DynamicMix` and `ReweightedSum` keep neither the mixing matrices nor h, w, c: they are
-        recomputed in backward.
+        `DynamicMix` keeps no mixing matrices (they are recomputed in backward) and
+        `ReweightedSum` keeps the mixed tokens but not h, w, c.
         """
         bsz, hh, ww, c = x.shape
         x = x.contiguous()
@@ -291,9 +282,8 @@ class DynaMixerBlock(nn.Module):
             means = (mean_hw[:, :c], mean_hw[:, c:], xt.mean(1))
             inputs = [hw, xt]
         else:
-            o_h, again_h = mh.mix_tokens_fast(x, r_h)                           # along H: (B, H, W, C)
-            o_w, again_w = mw.mix_tokens_fast(x.view(-1, ww, 1, c), r_w)        # along W
-            o_h, o_w = o_h.view(bsz, -1, c), o_w.view(bsz, -1, c)
+            o_h = mh.mix_tokens_fast(x, r_h).view(bsz, -1, c)                   # along H
+            o_w = mw.mix_tokens_fast(x.view(-1, ww, 1, c), r_w).view(bsz, -1, c)  # along W
             means = (o_h.mean(1), o_w.mean(1), xt.mean(1))
             inputs = [o_h, o_w, xt]
         if self.reweight is None:
@@ -304,10 +294,8 @@ class DynaMixerBlock(nn.Module):
             a = self.reweight(m).unflatten(-1, (c, 3)).softmax(dim=-1)          # (B, C, 3)
         weights, biases = [w_h, w_w, w_c], [b_h, b_w, None]
         if training:
-            xd = xt.detach()
             args = [v for k in range(3) for v in (inputs[k], weights[k], biases[k])]
-            z = ReweightedSum.apply(
-                lambda: [again_h().view(bsz, -1, c), again_w().view(bsz, -1, c), xd], a, *args)
+            z = ReweightedSum.apply(a, *args)
         else:
             z = reweighted_sum(inputs, weights, biases, a)
         return self.proj(z.view(bsz, hh, ww, c))
@@ -325,12 +313,6 @@ class DynaMixerBlock(nn.Module):
         a = self.reweight(a).unflatten(-1, (self.dim, 3)).softmax(dim=-1)  # (B, C, 3)
         a = a[:, None, None]                                    # (B, 1, 1, C, 3)
         return self.proj(h * a[..., 0] + w * a[..., 1] + c * a[..., 2])
-
-
-# Tokens per chunk of the MLP in CPU inference: the (chunk, 3C) hidden activations (2-5 MiB in
-# float32 for C = 192-384) are reused from chunk to chunk instead of one (B, H, W, 3C) tensor.
-# 256-2048 measured within noise of each other on dynamixer_s.
-MLP_CHUNK_TOKENS = 1024
 
 
 class MixerLayer(nn.Module):
@@ -358,37 +340,35 @@ class MixerLayer(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     @torch.jit.unused
-    def _fused_inference_ok(self, x: torch.Tensor) -> bool:
+    def _mlp_is_plain(self) -> bool:
         mlp = self.mlp
-        if self.training or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
-            return False
-        return (
-            x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu')
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
-            and type(self.norm2) is nn.LayerNorm and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
-            and mlp.fc1.bias is not None and mlp.fc2.bias is not None)
+        return (type(self.norm2) is nn.LayerNorm and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
+                and mlp.fc1.bias is not None and mlp.fc2.bias is not None
+                and not (self.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0)))
 
     @torch.jit.unused
-    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode CPU inference, same function: the MLP runs over chunks of tokens (norm, fc1,
-        GELU in place, fc2 added straight into the residual stream), so its 3C-wide hidden
-        activations stay in cache and no (B, H, W, 3C) tensor is allocated."""
-        x = self.token_mixer(self.norm1(x)).add_(x)                 # the mixer's output is a new tensor
-        norm, fc1, fc2 = self.norm2, self.mlp.fc1, self.mlp.fc2
-        tokens = x.view(-1, x.shape[-1])
-        step = MLP_CHUNK_TOKENS
-        hidden = x.new_empty((min(step, tokens.shape[0]), fc1.out_features))
-        for i in range(0, tokens.shape[0], step):
-            xc = tokens[i:i + step]
-            h = torch.addmm(fc1.bias, F.layer_norm(xc, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
-                            fc1.weight.t(), out=hidden[:xc.shape[0]])
-            torch._C._nn.gelu_(h, approximate=self.mlp.act.approximate)
-            xc.addmm_(h, fc2.weight.t()).add_(fc2.bias)
-        return x
+    def _fast_mlp_ok(self, x: torch.Tensor) -> Tuple[bool, bool]:
+        """(use `fast_mlp` at all, in its inference form). Eager CPU/CUDA only, and not under
+        autocast, whose casts the plain modules define."""
+        if is_fx_symbolic_tracing() or torch.compiler.is_compiling() or not self._mlp_is_plain():
+            return False, False
+        if x.device.type not in ('cpu', 'cuda') or torch.is_autocast_enabled(x.device.type):
+            return False, False
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return True, not needs_grad and not self.training and x.device.type == 'cpu'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._fused_inference_ok(x):
-            return self.forward_inference(x)
+        if not torch.jit.is_scripting():
+            fast, inference = self._fast_mlp_ok(x)
+            if inference:
+                x = self.token_mixer(self.norm1(x)).add_(x)             # the mixer's output is a new tensor
+                return mlp_residual_inference_(x, self.norm2, self.mlp.fc1, self.mlp.fc2, self.mlp.act.approximate)
+            if fast:
+                x = x + self.drop_path1(self.token_mixer(self.norm1(x)))
+                mlp = self.mlp
+                y = RecomputeGeluMlp.apply(self.norm2(x).reshape(-1, x.shape[-1]), mlp.fc1.weight, mlp.fc1.bias,
+                                           mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate)
+                return x + self.drop_path2(y.view(x.shape))
         x = x + self.drop_path1(self.token_mixer(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
