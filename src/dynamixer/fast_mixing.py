@@ -89,25 +89,27 @@ def dynamic_mix_forward(x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor
         out = torch.empty((bsz, n, l, c), dtype=x4.dtype, device=x4.device)
     rows = l * s
     step = _chunk_size(x4, s)
-    logits = x4.new_empty((step * rows, n * n))
+    logits, probs = x4.new_empty((step * rows, n * n)), x4.new_empty((step * rows, n * n))
     tokens = x4.new_empty((step * rows, n, c // s))
     mixed = torch.empty_like(tokens)
     for i in range(0, bsz, step):
         j = min(i + step, bsz)
         m = (j - i) * rows
-        p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m])
+        p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m], probs[:m])
         torch.bmm(p.transpose(1, 2), _gather(x4[i:j], s, tokens), out=mixed[:m])
         _scatter(mixed[:m], out[i:j])
     return out
 
 
-def _probs(r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
-    """Mixing matrices P[i, j] (m, N_in, N_out), normalised over the input token i. The softmax
-    over the middle axis is vectorised along j and measured faster than one along a last axis of
-    16-32 elements; P^T is a free transposed operand for the GEMMs."""
+def _probs(r2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, logits: torch.Tensor,
+           probs: torch.Tensor) -> torch.Tensor:
+    """Mixing matrices P[i, j] (m, N_in, N_out), normalised over the input token i, written into
+    `probs` (logits into `logits`). The softmax over the middle axis is vectorised along j and
+    measured faster than one along a last axis of 16-32 elements; P^T is a free transposed
+    operand for the GEMMs."""
     n = math.isqrt(weight.shape[0])
-    p = torch.addmm(bias, r2, weight.t(), out=buf).view(-1, n, n)
-    return torch.softmax(p, dim=-2)
+    torch.addmm(bias, r2, weight.t(), out=logits)
+    return torch.ops.aten._softmax.out(logits.view(-1, n, n), -2, False, out=probs.view(-1, n, n))
 
 
 class DynamicMix(torch.autograd.Function):
@@ -137,13 +139,13 @@ class DynamicMix(torch.autograd.Function):
         dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros_like(bias) if need_b else None
         step = _chunk_size(x4, s)
-        logits = x4.new_empty((step * rows, n * n))
+        logits, probs = x4.new_empty((step * rows, n * n)), x4.new_empty((step * rows, n * n))
         g_buf, x_buf = x4.new_empty((step * rows, n, c // s)), x4.new_empty((step * rows, n, c // s))
         mixed = torch.empty_like(g_buf)
         for i in range(0, bsz, step):
             j = min(i + step, bsz)
             m = (j - i) * rows
-            p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m])      # [in i, out j]
+            p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m], probs[:m])  # [in i, out j]
             g = _gather(grad[i:j], s, g_buf)
             if dx is not None:                                              # dx = P g
                 torch.bmm(p, g, out=mixed[:m])
