@@ -209,15 +209,24 @@ def test_dynamic_mix_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: DynamicMix.apply(*a, s), (x4, r2, w, bias))
 
 
-def test_dynamic_mix_chunking(monkeypatch):
+@pytest.mark.parametrize('sequences_per_chunk', [1, 2, 4, 7])   # within an image, whole images
+def test_dynamic_mix_chunking(monkeypatch, sequences_per_chunk):
     import dynamixer.fast_mixing as fm
     b, n, l, s, cs, d = 5, 4, 3, 2, 3, 2
-    x4 = torch.randn(b, n, l, s * cs, dtype=torch.float64)
-    r2 = torch.randn(b * l * s, n * d, dtype=torch.float64)
-    w, bias = torch.randn(n * n, n * d, dtype=torch.float64), torch.randn(n * n, dtype=torch.float64)
-    whole = dynamic_mix_forward(x4, r2, w, bias, s)
-    monkeypatch.setattr(fm, 'CHUNK_ELEMENTS', 1)   # one sequence batch entry per chunk
-    torch.testing.assert_close(dynamic_mix_forward(x4, r2, w, bias, s), whole, rtol=1e-12, atol=1e-12)
+    x4 = torch.randn(b, n, l, s * cs, dtype=torch.float64, requires_grad=True)
+    r2 = torch.randn(b * l * s, n * d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n * n, n * d, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(n * n, dtype=torch.float64, requires_grad=True)
+    whole = DynamicMix.apply(x4, r2, w, bias, s)
+    g = torch.randn_like(whole)
+    grads = torch.autograd.grad(whole, (x4, r2, w, bias), g)
+    monkeypatch.setattr(fm, 'CHUNK_ELEMENTS', sequences_per_chunk * s * n * n)
+    chunks = fm._chunks(x4, s)
+    assert len(chunks) == (b * -(-l // sequences_per_chunk) if sequences_per_chunk < l else -(-b // (sequences_per_chunk // l)))
+    chunked = DynamicMix.apply(x4, r2, w, bias, s)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    for a, c in zip(torch.autograd.grad(chunked, (x4, r2, w, bias), g), grads):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
 def test_generator_permutation_gives_softmax_over_input_tokens():

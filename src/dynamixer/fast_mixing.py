@@ -48,16 +48,30 @@ def reduced_token_major(r: torch.Tensor, b: int, n: int, l: int, s: int, d: int)
     return r.reshape(b, n, l, s, d).permute(0, 2, 3, 1, 4).reshape(b * l * s, n * d)
 
 
-# Mixing matrices of one chunk of sequences stay below this many elements (about 1 MiB in
-# float32): they are generated, normalised and used while in cache, and the chunk's buffers are
-# reused instead of faulting in fresh pages for a (sequences x S x N x N) tensor.
-CHUNK_ELEMENTS = 1 << 18
+# Mixing matrices of one chunk of sequences stay below this many elements (2 MiB in float32): the
+# chunk's buffers are reused from chunk to chunk instead of one (sequences x S x N x N) tensor.
+# Measured on dynamixer_s (one thread): 2^14-2^17 were 5-50% slower (more calls, each with its
+# fixed cost), 2^18-2^19 the fastest.
+CHUNK_ELEMENTS = 1 << 19
 
 
-def _chunk_size(x4: torch.Tensor, s: int) -> int:
-    """Sequence-batch entries (first axis of x4) per chunk."""
-    _, n, l, _ = x4.shape
-    return max(1, CHUNK_ELEMENTS // (l * s * n * n))
+def _chunks(x4: torch.Tensor, s: int) -> List[Tuple[slice, slice, int]]:
+    """Chunks of sequences, as (batch slice, L slice, number of (sequence, segment) rows): whole
+    images while an image's matrices fit in the chunk, else one image's columns in groups."""
+    bsz, n, l, _ = x4.shape
+    per_seq = s * n * n
+    if l * per_seq <= CHUNK_ELEMENTS:
+        step = CHUNK_ELEMENTS // (l * per_seq)
+        return [(slice(i, min(i + step, bsz)), slice(0, l), (min(i + step, bsz) - i) * l * s)
+                for i in range(0, bsz, step)]
+    step = max(1, CHUNK_ELEMENTS // per_seq)
+    return [(slice(i, i + 1), slice(k, min(k + step, l)), (min(k + step, l) - k) * s)
+            for i in range(bsz) for k in range(0, l, step)]
+
+
+def _rows(r2: torch.Tensor, x4: torch.Tensor, s: int, b: slice, l: slice) -> torch.Tensor:
+    """The rows of r2 (B*L*S, N*d) that belong to chunk (b, l): a contiguous view."""
+    return r2.view(x4.shape[0], x4.shape[2] * s, -1)[b, l.start * s:l.stop * s].flatten(0, 1)
 
 
 def _gather(t4: torch.Tensor, s: int, buf: torch.Tensor) -> torch.Tensor:
@@ -87,17 +101,15 @@ def dynamic_mix_forward(x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor
     bsz, n, l, c = x4.shape
     if out is None:
         out = torch.empty((bsz, n, l, c), dtype=x4.dtype, device=x4.device)
-    rows = l * s
-    step = _chunk_size(x4, s)
-    logits, probs = x4.new_empty((step * rows, n * n)), x4.new_empty((step * rows, n * n))
-    tokens = x4.new_empty((step * rows, n, c // s))
+    chunks = _chunks(x4, s)
+    most = max(m for _, _, m in chunks)
+    logits, probs = x4.new_empty((most, n * n)), x4.new_empty((most, n * n))
+    tokens = x4.new_empty((most, n, c // s))
     mixed = torch.empty_like(tokens)
-    for i in range(0, bsz, step):
-        j = min(i + step, bsz)
-        m = (j - i) * rows
-        p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m], probs[:m])
-        torch.bmm(p.transpose(1, 2), _gather(x4[i:j], s, tokens), out=mixed[:m])
-        _scatter(mixed[:m], out[i:j])
+    for b, ls, m in chunks:
+        p = _probs(_rows(r2, x4, s, b, ls), weight, bias, logits[:m], probs[:m])
+        torch.bmm(p.transpose(1, 2), _gather(x4[b, :, ls], s, tokens), out=mixed[:m])
+        _scatter(mixed[:m], out[b, :, ls])
     return out
 
 
@@ -131,32 +143,31 @@ class DynamicMix(torch.autograd.Function):
         x4, r2, weight, bias = ctx.saved_tensors
         s = ctx.s
         bsz, n, l, c = x4.shape
-        rows = l * s
         need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
         need_p = need_r or need_w or need_b
         dx = torch.empty(x4.shape, dtype=grad.dtype, device=grad.device) if need_x else None
         dr2 = torch.empty_like(r2) if need_r else None
         dw = torch.zeros_like(weight) if need_w else None
         db = torch.zeros_like(bias) if need_b else None
-        step = _chunk_size(x4, s)
-        logits, probs = x4.new_empty((step * rows, n * n)), x4.new_empty((step * rows, n * n))
-        g_buf, x_buf = x4.new_empty((step * rows, n, c // s)), x4.new_empty((step * rows, n, c // s))
+        chunks = _chunks(x4, s)
+        most = max(m for _, _, m in chunks)
+        logits, probs = x4.new_empty((most, n * n)), x4.new_empty((most, n * n))
+        g_buf, x_buf = x4.new_empty((most, n, c // s)), x4.new_empty((most, n, c // s))
         mixed = torch.empty_like(g_buf)
-        for i in range(0, bsz, step):
-            j = min(i + step, bsz)
-            m = (j - i) * rows
-            p = _probs(r2[i * rows:j * rows], weight, bias, logits[:m], probs[:m])  # [in i, out j]
-            g = _gather(grad[i:j], s, g_buf)
+        for b, ls, m in chunks:
+            r_rows = _rows(r2, x4, s, b, ls)
+            p = _probs(r_rows, weight, bias, logits[:m], probs[:m])          # [in i, out j]
+            g = _gather(grad[b, :, ls], s, g_buf)
             if dx is not None:                                              # dx = P g
                 torch.bmm(p, g, out=mixed[:m])
-                _scatter(mixed[:m], dx[i:j])
+                _scatter(mixed[:m], dx[b, :, ls])
             if need_p:                                                      # dP[i, j] = x_i . g_j
-                dp = torch.bmm(_gather(x4[i:j], s, x_buf), g.transpose(1, 2))
+                dp = torch.bmm(_gather(x4[b, :, ls], s, x_buf), g.transpose(1, 2))
                 dlogits = torch._softmax_backward_data(dp, p, -2, p.dtype).view(m, n * n)
                 if dr2 is not None:
-                    torch.mm(dlogits, weight, out=dr2[i * rows:j * rows])
+                    torch.mm(dlogits, weight, out=_rows(dr2, x4, s, b, ls))
                 if dw is not None:
-                    dw.addmm_(dlogits.t(), r2[i * rows:j * rows])
+                    dw.addmm_(dlogits.t(), r_rows)
                 if db is not None:
                     db += dlogits.sum(0)
         return dx, dr2, dw, db, None
