@@ -69,8 +69,8 @@ def _chunks(x4: torch.Tensor, s: int) -> List[Tuple[slice, slice, int]]:
 
 
 def _rows(r2: torch.Tensor, x4: torch.Tensor, s: int, b: slice, l: slice) -> torch.Tensor:
-    """The rows of r2 (B*L*S, N*d) that belong to chunk (b, l): a contiguous view."""
-    return r2.view(x4.shape[0], x4.shape[2] * s, -1)[b, l.start * s:l.stop * s].flatten(0, 1)
+    """The rows of r2 (B*L*S, N*d) that belong to chunk (b, l): a view (also written through)."""
+    return r2.view(x4.shape[0], x4.shape[2] * s, -1)[b, l.start * s:l.stop * s].view(-1, r2.shape[-1])
 
 
 def _gather(t4: torch.Tensor, s: int, buf: torch.Tensor) -> torch.Tensor:

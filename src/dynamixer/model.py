@@ -135,6 +135,12 @@ def _fast_path_ok(x: torch.Tensor, dynamic: bool, seq_len: int) -> bool:
     return True
 
 
+@torch.jit.unused
+def _needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    """Will autograd record this call (the fast paths then take their training form)?"""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 class DynaMixerOp(nn.Module):
     """Dynamic mixing of N tokens along one axis: (..., N, C) -> (..., N, C).
 
@@ -272,7 +278,7 @@ class DynaMixerBlock(nn.Module):
         r_h, r_w = r[..., :sd], r[..., sd:].reshape(-1, ww, 1, sd)
         w_h, b_h, w_w, b_w, w_c = mh.proj.weight, mh.proj.bias, mw.proj.weight, mw.proj.bias, self.mix_c.weight
         xt = x.view(bsz, -1, c)
-        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        training = _needs_grad(x, self)
         if not training and not x.is_cuda:
             both = x.new_empty((bsz, hh, ww, 2, c))                             # [h | w] per token
             mh.mix_tokens_fast(x, r_h, out=both[..., 0, :])                    # along H
@@ -354,8 +360,7 @@ class MixerLayer(nn.Module):
             return False, False
         if x.device.type not in ('cpu', 'cuda') or torch.is_autocast_enabled(x.device.type):
             return False, False
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return True, not needs_grad and not self.training and x.device.type == 'cpu'
+        return True, not _needs_grad(x, self) and not self.training and x.device.type == 'cpu'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
