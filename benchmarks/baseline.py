@@ -100,7 +100,7 @@ def baseline_model(model: nn.Module) -> nn.Module:
             op = mixer.mix_h
             new = BaselineBlock(
                 mixer.dim, (mixer.mix_h.seq_len, mixer.mix_w.seq_len), op.num_segments,
-                op.reduced_dim, op.mixing, mixer.reweight is not None)
-            new.load_state_dict(mixer.state_dict())
-            stage.blocks[j] = BaselineLayer(layer, new.to(next(mixer.parameters())))
+                op.reduced_dim, op.mixing, mixer.reweight is not None).to(next(mixer.parameters()))
+            new.load_state_dict(mixer.state_dict())   # after .to(): float64 weights stay float64
+            stage.blocks[j] = BaselineLayer(layer, new)
     return ref

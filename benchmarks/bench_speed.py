@@ -310,7 +310,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--models', nargs='+', default=['dynamixer_s'])
     p.add_argument('--rounds', type=int, default=5, help='interleaved timing rounds (median reported)')
-    p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--warmup', type=int, default=3,
+                   help='untimed calls per variant first; the reference training step needs about 3 to settle')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--infer-batch', type=int, default=None, help='default 16 (CPU) or 128 (GPU)')
     p.add_argument('--train-batch', type=int, default=None, help='default 8 (CPU) or 128 (GPU)')

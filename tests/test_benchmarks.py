@@ -1,0 +1,54 @@
+"""The benchmark harness runs, and its baseline computes the library's function (small models)."""
+import json
+import os
+import subprocess
+import sys
+
+import timm
+import torch
+
+import dynamixer  # noqa: F401
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+sys.path.insert(0, BENCH)
+from baseline import BaselineBlock, BaselineLayer, baseline_model  # noqa: E402
+
+
+def test_baseline_equals_library_on_the_fast_path():
+    # 64x64 input: a 16x16 stage-1 grid, so the library takes its fast mixing there
+    torch.manual_seed(0)
+    lib = timm.create_model('dynamixer_nano', img_size=64, num_classes=5).double()
+    with torch.no_grad():
+        for p in lib.parameters():
+            p.normal_(0, 0.1)
+    ref = baseline_model(lib)
+    assert all(isinstance(b, BaselineLayer) and isinstance(b.token_mixer, BaselineBlock)
+               for s in ref.stages for b in s.blocks)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for mode in ('train', 'eval'):
+        getattr(lib, mode)(), getattr(ref, mode)()
+        with torch.no_grad():
+            torch.testing.assert_close(lib(x), ref(x), rtol=1e-10, atol=1e-12)
+    lib.zero_grad(), ref.zero_grad()
+    lib(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, a), b in zip(lib.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_bench_speed_smoke(tmp_path):
+    import bench_speed
+    out = tmp_path / 'r.json'
+    assert bench_speed.main(['--models', 'dynamixer_nano', '--rounds', '1', '--warmup', '0', '--no-compile',
+                             '--matmul-size', '256', '--json', str(out)]) == 0
+    res = json.loads(out.read_text())['results'][0]
+    assert res['check']['output'] <= 1e-5 and res['memory']['library']['step_peak_mib'] > 0
+    assert set(res['images_per_s']) == {'infer/reference', 'infer/library', 'train/reference', 'train/library'}
+
+
+def test_time_parts_smoke():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, os.path.join(BENCH, 'time_parts.py'), '--model', 'dynamixer_nano',
+                          '--threads', '1', '--rounds', '1'], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert '| mlp_residual_inference_ |' in run.stdout and '| RecomputeGeluMlp.backward |' in run.stdout
