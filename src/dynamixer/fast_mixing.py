@@ -49,7 +49,7 @@ def reduced_token_major(r: torch.Tensor, b: int, n: int, l: int, s: int, d: int)
 
 # Mixing matrices of one chunk of sequences stay below this many elements (2 MiB in float32): the
 # chunk's buffers are reused from chunk to chunk instead of one (sequences x S x N x N) tensor.
-# Measured on dynamixer_s (one thread): 2^14-2^17 were 5-50% slower (more calls, each with its
+# Measured on dynamixer_s (one thread): 2^14-2^17 were 3-50% slower (more calls, each with its
 # fixed cost), 2^18-2^19 the fastest.
 CHUNK_ELEMENTS = 1 << 19
 
