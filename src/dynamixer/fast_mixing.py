@@ -187,7 +187,8 @@ def reweighted_sum(inputs: List[torch.Tensor], weights: List[torch.Tensor], bias
     channels per image; it is folded into per-image weights (a column scaling of each W_k^T,
     K*C*C multiplies per image), so each input takes one batched GEMM over all its branches and
     no branch output (T x C per branch and image) is ever formed. On the CPU the images go in
-    chunks of at most WEIGHT_CHUNK_ELEMENTS weights.
+    chunks of at most WEIGHT_CHUNK_ELEMENTS weights. Not differentiable (it writes into buffers):
+    under autograd use `ReweightedSum`.
     """
     bsz, t = inputs[0].shape[:2]
     c = weights[0].shape[0]
@@ -196,12 +197,6 @@ def reweighted_sum(inputs: List[torch.Tensor], weights: List[torch.Tensor], bias
         raise ValueError('inputs must hold one branch per weight')
     terms = [a[..., k] * b for k, b in enumerate(biases) if b is not None]
     bias = sum(terms) if terms else None
-    if torch.is_grad_enabled() and any(v.requires_grad for v in [a, *inputs, *weights]):
-        # differentiable form (direct calls; ReweightedSum runs its forward without autograd)
-        wc = torch.cat([w * a[:, :, k, None] for k, w in enumerate(weights)], dim=-1)
-        cols = torch.cumsum(torch.tensor([0] + [inp.shape[-1] for inp in inputs]), 0).tolist()
-        z = sum(torch.bmm(inp, wc[:, :, cols[n]:cols[n + 1]].transpose(1, 2)) for n, inp in enumerate(inputs))
-        return z if bias is None else z + bias[:, None]
     step = bsz if a.is_cuda else max(1, WEIGHT_CHUNK_ELEMENTS // (c * kc))
     wbuf = a.new_empty((min(step, bsz), c, kc))                         # per image: [a_k * W_k] side by side
     z = None if step >= bsz else torch.empty((bsz, t, c), dtype=inputs[0].dtype, device=inputs[0].device)

@@ -16,9 +16,7 @@ Module layout (this project's own state-dict keys)::
 `checkpoint_filter_fn` converts the authors' release layout (``network.i.j.attn.mix_h.compress``
 and so on, see the spec) to this one.
 """
-import math
 import operator
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -196,7 +194,7 @@ class DynaMixerOp(nn.Module):
 
         x4: (B, N, L, C) tokens mixed along N (channels contiguous); r: their reduced features
         (B, N, L, S*d). Returns the mixed tokens (B, N, L, C), written into `out` when given
-        (inference only).
+        (CPU inference only).
         """
         assert self.reduce is not None and self.generate is not None
         b, n, l, _ = x4.shape
@@ -205,14 +203,14 @@ class DynaMixerOp(nn.Module):
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (x4, r2, self.generate.weight))
         if x4.is_cuda and _triton_mixing_available():
             from .triton_mixing import triton_dynamic_mix, triton_mix_forward
+            assert out is None, 'out= is for the CPU inference path only'
             weight, bias = generator_rows_out_major(self.generate.weight, self.generate.bias, n)
             if training:
                 return triton_dynamic_mix(x4, r2, weight, bias, s)
-            o = triton_mix_forward(x4, r2, weight, bias, s)
-            return o if out is None else out.copy_(o)
+            return triton_mix_forward(x4, r2, weight, bias, s)
         weight, bias = self.generate.weight, self.generate.bias
         if training:
-            assert out is None, 'out= is for inference only'
+            assert out is None, 'out= is for the CPU inference path only'
             return DynamicMix.apply(x4, r2, weight, bias, s)
         return dynamic_mix_forward(x4, r2, weight, bias, s, out=out)
 
