@@ -83,7 +83,7 @@ class Segmenter(nn.Module):
         if checkpoint:
             # weights trained at any size: checkpoint_filter_fn resamples the generators to img_size.
             # The overlay names the checkpoint's class count so that timm drops its classifier.
-            state = dynamixer.model._unwrap_state_dict(dynamixer.read_checkpoint(checkpoint))
+            state = dynamixer.unwrap_state_dict(dynamixer.read_checkpoint(checkpoint))
             head = state.get('head.weight')
             kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(
                 file=checkpoint, num_classes=head.shape[0] if head is not None else 0))

@@ -9,7 +9,9 @@ from .model import (
     DynaMixer, DynaMixerBlock, DynaMixerOp, DynaMixerStage, MixerLayer, MODEL_ARGS,
     checkpoint_filter_fn, token_grids,
 )
-from .checkpoint import CheckpointError, read_checkpoint, validate_checkpoint_file
+from .checkpoint import CheckpointError, load_model, read_checkpoint, validate_checkpoint_file
+from .layout import unwrap_state_dict
+from .ops import explain_paths, fast_path_enabled, set_fast_path
 from .resample import resample_state_dict
 
 __version__ = '0.1.0'

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .files import safetensors_metadata, save_safetensors
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
@@ -174,11 +176,8 @@ def export_safetensors(
         metadata: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Write the weights (no code, no pickle) with `metadata` (str -> str) in the header."""
-    from safetensors.torch import save_file
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state_dict, os.fspath(path), metadata=metadata)
+    save_safetensors(model.state_dict(), path, metadata)
     return path
 
 
@@ -241,9 +240,9 @@ def export_checkpoint(
         export_torchscript(model, output, extra_files={'preprocessing.json': config_text})
         check = check_torchscript
     else:
-        # the metadata `dynamixer train` writes (read back by `dynamixer predict`), plus preprocessing
-        meta.update(format='dynamixer', class_names=json.dumps(config['class_names']),
-                    model_kwargs=json.dumps(info['config'].get('model_kwargs') or {}))
+        # the shared schema (`files.safetensors_metadata`, read back by `dynamixer predict`)
+        meta = safetensors_metadata(config['model'], info['config'].get('model_kwargs') or {},
+                                    config['class_names'], preprocessing=config)
         export_safetensors(model, output, metadata=meta)
         check = None
 

@@ -16,19 +16,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .files import read_safetensors_metadata
 from .data import DataError, eval_transform, load_image
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
            'add_arguments', 'run']
-
-
-def _safetensors_metadata(path: str) -> Dict[str, str]:
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework='pt') as f:
-            return dict(f.metadata() or {})
-    except Exception:  # a broken file: read_checkpoint gives the clear error
-        return {}
 
 
 def load_inference_model(path: str, model_name: Optional[str] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -38,13 +30,12 @@ def load_inference_model(path: str, model_name: Optional[str] = None) -> Tuple[t
     class_names = None
     if str(path).endswith('.safetensors'):
         read_checkpoint(path)  # clear errors for missing / truncated files
-        meta = _safetensors_metadata(path)
-        if meta.get('format') == 'dynamixer':
-            model_name = model_name or meta.get('model')
-            if model_name == meta.get('model'):
-                kwargs = {k: v for k, v in json.loads(meta.get('model_kwargs', '{}')).items()
-                          if k not in ('drop_path_rate',)}
-            class_names = json.loads(meta.get('class_names', 'null'))
+        meta = read_safetensors_metadata(path)
+        if meta:
+            model_name = model_name or meta['model']
+            if model_name == meta['model']:
+                kwargs = {k: v for k, v in meta['model_kwargs'].items() if k not in ('drop_path_rate',)}
+            class_names = meta['class_names']
     try:
         model, info = load_model(path, model_name, **kwargs)
     except CheckpointError:

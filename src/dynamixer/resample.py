@@ -48,6 +48,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import layout
+from .grids import token_grids
+
 __all__ = [
     'resampling_matrix', 'resample_generator', 'resample_static_logits', 'resample_state_dict',
     'resample_to_shapes', 'trained_img_size', 'MODES', 'METHODS', 'TEMPERATURES',
@@ -57,10 +60,9 @@ MODES = ('linear', 'cubic', 'nearest')
 METHODS = ('interpolate', 'pinv')
 TEMPERATURES = ('none', 'log')
 
-# our layout and the authors' (spec section 4); groups: stage (or flat index), axis, leaf
+# a mixing entry of our layout; groups: stage, axis, leaf
 _OURS = re.compile(
     r'^stages\.(\d+)\.blocks\.\d+\.token_mixer\.mix_([hw])\.(generate\.weight|generate\.bias|static_logits)$')
-_AUTHORS = re.compile(r'^network\.(\d+)\.\d+\.attn\.mix_([hw])\.(generate\.weight|generate\.bias)$')
 
 
 def _check_options(mode: str, method: str, temperature: str) -> None:
@@ -250,54 +252,29 @@ def resample_to_shapes(
     return _resample_entries(state_dict, target_n, mode, method, temperature)
 
 
-def _weights_grids(
-        state_dict: Mapping[str, torch.Tensor],
-        img_size: Tuple[int, int],
-) -> Tuple[Callable[[str], Optional[int]], str]:
-    """Per-key new token count for `img_size`, from the architecture the weights describe."""
-    from .model import token_grids
-    stem = state_dict.get('stem.proj.weight', state_dict.get('patch_embed.proj.weight'))
+def _weights_grids(state_dict: Mapping[str, torch.Tensor], img_size: Tuple[int, int]) -> Callable[[str], Optional[int]]:
+    """Per-key new token count for `img_size`, from the architecture the weights (our layout) describe."""
+    stem = state_dict.get('stem.proj.weight')
     if stem is None:
         raise ValueError(
             'cannot tell the patch size: the state dict has neither stem.proj.weight nor '
             'patch_embed.proj.weight. Pass the model to resample for instead of an image size.')
-    patch = stem.shape[-1]
-    if any(k.startswith('network.') for k in state_dict):
-        # the authors' flat list: network.i is a transition when it owns network.i.proj.weight
-        flat = sorted({int(k.split('.')[1]) for k in state_dict if k.startswith('network.')})
-        stage_of: Dict[int, int] = {}
-        downsamples: List[bool] = []
-        pending = False
-        for f in flat:
-            if f'network.{f}.proj.weight' in state_dict:
-                pending = True
-                continue
-            stage_of[f] = len(downsamples)
-            downsamples.append(pending)
-            pending = False
-        pattern, layout = _AUTHORS, 'authors'
-    else:
-        stages = sorted({int(k.split('.')[1]) for k in state_dict if k.startswith('stages.')})
-        stage_of = {i: i for i in stages}
-        downsamples = [f'stages.{i}.downsample.proj.weight' in state_dict for i in range(max(stages, default=-1) + 1)]
-        pattern, layout = _OURS, 'ours'
-    grids = token_grids(img_size, patch, downsamples)
+    grids = token_grids(img_size, stem.shape[-1], layout.architecture(state_dict)['downsamples'])
 
     def target_n(key: str) -> Optional[int]:
-        m = pattern.match(key)
+        m = _OURS.match(key)
         if m is None:
             return None
-        grid = grids[stage_of[int(m.group(1))]]
+        grid = grids[int(m.group(1))]
         return grid[0] if m.group(2) == 'h' else grid[1]
 
-    return target_n, layout
+    return target_n
 
 
 def trained_img_size(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, int]]:
     """The input size (H, W) the weights were trained at, read from the first stage's generators
     and the patch size (either layout; None if the state dict does not say)."""
-    from .model import _unwrap_state_dict
-    sd = _unwrap_state_dict(dict(state_dict))
+    sd = layout.unwrap_state_dict(dict(state_dict))
     stem = sd.get('stem.proj.weight', sd.get('patch_embed.proj.weight'))
     if stem is None:
         return None
@@ -346,18 +323,16 @@ def resample_state_dict(
         resampled to the new token count; all other entries are the same tensors. Resampling to
         the size the weights were trained at returns them unchanged.
     """
-    from .model import DynaMixer, _convert_authors_layout, _unwrap_state_dict
     _check_options(mode, method, temperature)
-    sd = _unwrap_state_dict(dict(state_dict))
+    sd = layout.unwrap_state_dict(dict(state_dict))
     if isinstance(target, nn.Module):
         model = target
-        if not isinstance(model, DynaMixer):
+        if not _is_dynamixer(model):
             inner = getattr(model, 'model', None)       # timm's features_only wrapper
-            if not isinstance(inner, DynaMixer):
+            if not _is_dynamixer(inner):
                 raise TypeError(f'target must be a DynaMixer model or an image size; got {type(model).__name__}')
             model = inner
-        if any(k.startswith(('network.', 'patch_embed.')) for k in sd):
-            sd = _convert_authors_layout(sd, model)
+        sd = layout.authors_to_ours(sd)
         shapes = {k: v.shape for k, v in model.state_dict().items()}
         return resample_to_shapes(sd, shapes, mode=mode, method=method, temperature=temperature)
     if isinstance(target, bool) or not isinstance(target, (int, tuple, list)):
@@ -365,5 +340,12 @@ def resample_state_dict(
     img_size = (target, target) if isinstance(target, int) else tuple(target)
     if len(img_size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in img_size):
         raise ValueError(f'image size must be an int or a pair of ints (H, W); got {target!r}')
-    target_n, _ = _weights_grids(sd, img_size)
-    return _resample_entries(sd, target_n, mode, method, temperature)
+    if layout.is_authors_layout(sd):   # resampled in our layout, returned in the authors'
+        ours = layout.authors_to_ours(sd)
+        return layout.ours_to_authors(_resample_entries(ours, _weights_grids(ours, img_size), mode, method, temperature))
+    return _resample_entries(sd, _weights_grids(sd, img_size), mode, method, temperature)
+
+
+def _is_dynamixer(model: Any) -> bool:
+    """A DynaMixer network (checked by its structure: this module does not import the model)."""
+    return isinstance(model, nn.Module) and all(hasattr(model, a) for a in ('stem', 'stages', 'grid_sizes'))

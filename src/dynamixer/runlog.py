@@ -8,51 +8,23 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from . import files
+from .files import atomic_torch_save, atomic_write, atomic_write_text, safetensors_metadata
 
 __all__ = ['RunLog', 'atomic_torch_save', 'atomic_write_text', 'save_safetensors', 'plot_history']
 
 _logger = logging.getLogger('dynamixer.train')
 
 
-def _atomic(path: str, write) -> None:
-    """Write via a temporary file in the same folder, fsync, then os.replace over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save(obj, path) that leaves either the old or the new file, never a partial one."""
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
-
-
 def save_safetensors(model: torch.nn.Module, path: str, config: Dict[str, Any], class_names: Sequence[str]) -> None:
-    """The model's weights as safetensors, with the model name, its arguments and class names as
-    metadata (so `dynamixer predict model.safetensors` knows them)."""
-    from safetensors.torch import save
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {'model': str(config['model']), 'model_kwargs': json.dumps(config.get('model_kwargs', {})),
-            'class_names': json.dumps(list(class_names)), 'format': 'dynamixer'}
-    data = save(tensors, metadata=meta)
-    _atomic(path, lambda f: f.write(data))
+    """The model's weights as safetensors with the shared metadata schema (`files.safetensors_metadata`:
+    model name, its arguments, class names), so `dynamixer predict model.safetensors` knows them."""
+    meta = safetensors_metadata(config['model'], config.get('model_kwargs', {}), class_names)
+    files.save_safetensors(model.state_dict(), path, meta)
 
 
 class _NoBar:
@@ -185,4 +157,4 @@ def plot_history(history: List[Dict[str, Any]], path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
     plt.close(fig)
-    _atomic(path, lambda f: f.write(buf.getvalue()))
+    atomic_write(path, lambda f: f.write(buf.getvalue()))

@@ -206,8 +206,9 @@ def _build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
 
 def _load_pretrained(model: nn.Module, path: str, new_head: bool) -> None:
     """Start from the weights in `path` (any layout load_model reads); optionally a fresh head."""
-    from .model import _unwrap_state_dict, checkpoint_filter_fn
-    raw = dict(_unwrap_state_dict(read_checkpoint(path)))
+    from .layout import unwrap_state_dict
+    from .model import checkpoint_filter_fn
+    raw = dict(unwrap_state_dict(read_checkpoint(path)))
     head = {f'head.{k}': v.clone() for k, v in model.head.state_dict().items()}
     if new_head:
         raw.update(head)  # the old head is dropped; the model's freshly initialised one is kept

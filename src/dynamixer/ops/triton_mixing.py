@@ -10,9 +10,9 @@ backward recomputes P per output token, accumulates dX = sum_j P^T G_j in regist
          the logits' gradient (softmax backward of dP = G_j X^T); the generator's gradients then
          are two GEMMs (cuBLAS) on it.
 
-Layout as in `fast_mixing`: tokens x4 (B, N, L, C) mixed along N, reduced features r2
+Layout as in `ops.mixing`: tokens x4 (B, N, L, C) mixed along N, reduced features r2
 (B*L*S, N*d) in token-major order, generator weight (N*N, N*d) with rows [out j, in i].
-`triton_dynamic_mix` is chosen automatically by `DynaMixerOp` on CUDA when Triton is installed;
+`triton_dynamic_mix` is chosen by `ops.dispatch` on CUDA when Triton is installed;
 on the CPU the kernels run under ``TRITON_INTERPRET=1`` (that is how the tests check them).
 """
 import os

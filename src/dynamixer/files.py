@@ -1,0 +1,221 @@
+"""Checkpoint files: reading them safely, writing them atomically, and the one safetensors
+metadata schema this project writes and reads.
+
+Checkpoints are read without executing pickled code (``torch.load(weights_only=True)`` or
+safetensors). The one non-tensor class the authors' training script pickles, argparse.Namespace
+(its command-line arguments), is allowed explicitly: rebuilding it only sets attributes.
+
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the target: a
+crash while writing leaves the previous version, never a partial file.
+
+Safetensors metadata (str -> str, `safetensors_metadata` / `read_safetensors_metadata`)::
+
+    format        'dynamixer'
+    model         the registered model name, e.g. 'dynamixer_nano'
+    model_kwargs  JSON object of the model's construction arguments
+    class_names   JSON list of class names (or null)
+    preprocessing JSON object of the preprocessing (optional; written by `dynamixer export`)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import struct
+import tempfile
+import zipfile
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+__all__ = [
+    'CheckpointError', 'validate_checkpoint_file', 'read_checkpoint', 'authors_pickle_globals',
+    'pretrained_file', 'check_pretrained_file', 'atomic_write', 'atomic_torch_save', 'atomic_write_text',
+    'safetensors_metadata', 'read_safetensors_metadata', 'save_safetensors',
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, corrupt or not a checkpoint."""
+
+
+@contextlib.contextmanager
+def authors_pickle_globals() -> Iterator[None]:
+    """Allow argparse.Namespace (pickled by the authors' train script) under weights_only loading."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        yield
+
+
+def _check_safetensors(path: str, size: int) -> None:
+    with open(path, 'rb') as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f'{path}: truncated safetensors file ({size} bytes)')
+        (n,) = struct.unpack('<Q', head)
+        if n > size - 8:
+            raise CheckpointError(f'{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})')
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f'{path}: corrupt safetensors header ({e})') from None
+    end = max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f'{path}: truncated safetensors file: the header promises {8 + n + end} bytes, the file has '
+            f'{size}. Copy or download it again.')
+
+
+def validate_checkpoint_file(path: PathLike) -> None:
+    """Cheap checks that `path` is a whole checkpoint file; raises CheckpointError or FileNotFoundError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f'{path} is empty (0 bytes): the copy or download was interrupted')
+    if path.endswith('.safetensors'):
+        _check_safetensors(path, size)
+        return
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic.startswith(b'PK'):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f'{path}: truncated or corrupt PyTorch checkpoint ({size} bytes; its zip directory is '
+                f'missing). Copy or download it again.')
+    elif not magic.startswith(b'\x80'):  # neither zip nor a legacy pickle
+        raise CheckpointError(
+            f'{path} is not a PyTorch checkpoint (.pt/.pth/.pth.tar) or a .safetensors file')
+
+
+def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, Any]:
+    """Load a checkpoint file as a dict without running pickled code; clear errors for bad files."""
+    validate_checkpoint_file(path)
+    path = os.fspath(path)
+    if path.endswith('.safetensors'):
+        return load_file(path, device=str(map_location))
+    try:
+        with authors_pickle_globals():
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f'{path}: could not read the checkpoint, it is truncated or corrupt ({e})') from None
+    except Exception as e:  # pickle.UnpicklingError for classes outside the allow-list
+        raise CheckpointError(
+            f'{path}: refused to load: it contains pickled Python objects that could run code '
+            f'({e}). Save plain tensors, or convert it to safetensors in a trusted environment.') from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{path}: expected a dict of weights, found {type(obj).__name__}')
+    return obj
+
+
+def pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The local weights file a timm pretrained config (and its overlay) point to, if any."""
+    if overlay and overlay.get('file'):
+        return overlay['file']
+    if isinstance(pretrained_cfg, Mapping):
+        return pretrained_cfg.get('file') or None
+    return getattr(pretrained_cfg, 'file', None) or None
+
+
+def check_pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, Any]]) -> None:
+    """Validate the file named in a pretrained config before timm loads it."""
+    path = pretrained_file(pretrained_cfg, overlay)
+    if path and os.path.isdir(path):
+        # 'local-dir:' sources name a folder (config.json + weights); timm picks the weights file
+        # in this order, check the one it will read
+        for name in ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):
+            if os.path.isfile(os.path.join(path, name)):
+                validate_checkpoint_file(os.path.join(path, name))
+                return
+        return
+    if path:
+        validate_checkpoint_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------------
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call write(f) on a temporary file in the same folder, fsync, then os.replace over `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """torch.save(obj, path) that leaves either the old or the new file, never a partial one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: PathLike) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# --------------------------------------------------------------------------------------------
+# the safetensors metadata schema
+# --------------------------------------------------------------------------------------------
+
+SAFETENSORS_FORMAT = 'dynamixer'
+
+
+def safetensors_metadata(
+        model_name: str,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        preprocessing: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, str]:
+    """The metadata (str -> str) this project writes into every safetensors file (schema above)."""
+    meta = {'format': SAFETENSORS_FORMAT, 'model': str(model_name),
+            'model_kwargs': json.dumps(dict(model_kwargs or {})),
+            'class_names': json.dumps(list(class_names) if class_names is not None else None)}
+    if preprocessing is not None:
+        meta['preprocessing'] = json.dumps(preprocessing, indent=2)
+    return meta
+
+
+def read_safetensors_metadata(path: PathLike) -> Dict[str, Any]:
+    """The parsed metadata of a safetensors file this project wrote, {} for any other file.
+
+    Returns dict(model=str, model_kwargs=dict, class_names=list or None, preprocessing=dict or
+    None). Files written before the schema was shared (by `dynamixer train` or `dynamixer
+    export`) use the same keys and read the same way.
+    """
+    try:
+        with safe_open(os.fspath(path), framework='pt') as f:
+            raw = dict(f.metadata() or {})
+    except Exception:  # a broken file: read_checkpoint gives the clear error
+        return {}
+    if raw.get('format') != SAFETENSORS_FORMAT:
+        return {}
+    pre = raw.get('preprocessing')
+    return dict(model=raw.get('model'), model_kwargs=json.loads(raw.get('model_kwargs') or '{}'),
+                class_names=json.loads(raw.get('class_names') or 'null'),
+                preprocessing=json.loads(pre) if pre else None)
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike,
+                     metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write weights (CPU, contiguous copies) as safetensors with `metadata`, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))

@@ -1,0 +1,276 @@
+"""The one place that chooses between the plain path (the spec's step-by-step ops in `model.py`)
+and the fast paths (`ops.fast_forms` on the kernels of `ops.mixing`, `ops.mlp`, `ops.triton_mixing`).
+
+The table of `docs/fast_path.md`, as code:
+
+=====================================================  ==========================================
+situation                                              path
+=====================================================  ==========================================
+switch off (`set_fast_path(False)`,                    plain
+``DYNAMIXER_FAST_PATH=0``)
+TorchScript, FX tracing, `torch.compile`               plain (callers guard `torch.jit.is_scripting`)
+``mixing='static'``, a sequence < FAST_PATH_MIN_TOKENS plain token mixing (set at construction)
+device other than CPU / CUDA (meta, ...)               plain
+CPU autocast                                           plain (its casts define the function)
+CUDA autocast                                          triton only, else plain
+a module the fast path bypasses is not the exact       plain
+type it was written for, or carries hooks
+(quantised, LoRA, pruned, hooked ...)
+autograd records the call                              fast-train / triton-train / cpp-train
+otherwise                                              fast-inference / triton-inference / cpp-inference
+=====================================================  ==========================================
+
+One decision per block covers both of its mixing ops (the ops then run their kernels, or their
+plain math, without deciding again), and one per layer covers its channel MLP. What is known at
+construction (dynamic mixing, sequence lengths) is stored on the module by `static_mixing_ok`;
+what can change afterwards (module swaps, hooks, grad mode, device, autocast, tracing, the
+switch) is checked per call: a handful of attribute reads.
+
+Backends of the fast mixing: 'triton' on CUDA with Triton installed, 'torch' otherwise, and a slot
+for 'cpp', compiled CPU kernels in ``ops/cpu_kernels.py`` (not part of this module: when that
+module exists and its ``available()`` is true, its ``DynamicMix`` and ``dynamic_mix_forward``,
+drop-in equivalents of `ops.mixing`'s, serve CPU calls; see `mixing_backend`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import Mlp
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn.modules import module as _module_state
+
+from . import mixing, triton_mixing
+
+try:  # the compiled CPU backend's slot: written separately, absent in most installs
+    from . import cpu_kernels  # type: ignore[attr-defined]
+except ImportError:
+    cpu_kernels = None
+
+__all__ = [
+    'FAST_PATH_MIN_TOKENS', 'PLAIN', 'set_fast_path', 'fast_path_enabled', 'static_mixing_ok',
+    'mixing_path', 'mlp_path', 'is_training_path', 'mixing_backend', 'explain_paths',
+]
+
+# Shorter sequences take the plain mixing: with N x N matrices of 8 x 8 or smaller the copies the
+# fast path saves are tiny, and its per-matrix bmm calls and last-axis softmax over a handful of
+# elements cost more (dynamixer_nano's blocks measured about 3-6x slower on the CPU).
+FAST_PATH_MIN_TOKENS = 16
+
+PLAIN = 'plain'
+# path name = backend + form; the form says which autograd treatment the fast code takes
+_PATHS = {(backend, train): f'{backend}-{"train" if train else "inference"}'
+          for backend in ('fast', 'triton', 'cpp') for train in (False, True)}
+
+
+def _env_switch() -> bool:
+    """DYNAMIXER_FAST_PATH=0/false/no/off turns the fast paths off for the process (read at import)."""
+    value = os.environ.get('DYNAMIXER_FAST_PATH', '1').strip().lower()
+    return value not in ('0', 'false', 'no', 'off')
+
+
+_enabled = _env_switch()
+
+
+class set_fast_path:
+    """Turn the fast paths on or off everywhere; also a context manager restoring the old setting.
+
+    ``dynamixer.set_fast_path(False)`` selects the plain path for every module from now on;
+    ``with dynamixer.set_fast_path(False): ...`` only inside the block.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        global _enabled
+        self.prev = _enabled
+        _enabled = bool(enabled)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        global _enabled
+        _enabled = self.prev
+
+
+def fast_path_enabled() -> bool:
+    """The global switch (`set_fast_path`, ``DYNAMIXER_FAST_PATH``)."""
+    return _enabled
+
+
+def static_mixing_ok(dynamic: bool, seq_lens: Sequence[int]) -> bool:
+    """What construction decides: only dynamic mixing of sequences of at least FAST_PATH_MIN_TOKENS."""
+    return dynamic and min(seq_lens) >= FAST_PATH_MIN_TOKENS
+
+
+def is_training_path(path: str) -> bool:
+    """Does the fast code take its autograd form (Functions that save for backward)?"""
+    return path.endswith('-train')
+
+
+def mixing_backend(path: str) -> Tuple[str, Any]:
+    """(backend name, kernel module) for a fast mixing path: 'fast' -> `ops.mixing`, 'triton' ->
+    `ops.triton_mixing`, 'cpp' -> `ops.cpu_kernels` (the compiled CPU slot)."""
+    backend = path.rsplit('-', 1)[0]
+    if backend == 'cpp':
+        return backend, cpu_kernels
+    if backend == 'triton':
+        return backend, triton_mixing
+    return backend, mixing
+
+
+# --------------------------------------------------------------------------------------------
+# per-call checks
+# --------------------------------------------------------------------------------------------
+
+_triton_ok: Optional[bool] = None
+_cpp_ok: Optional[bool] = None
+
+
+def _triton_ready() -> bool:
+    global _triton_ok
+    if _triton_ok is None:  # cached: Triton and CUDA do not come and go within a process
+        _triton_ok = triton_mixing.triton_available()
+    return _triton_ok
+
+
+def _cpp_ready() -> bool:
+    global _cpp_ok
+    if _cpp_ok is None:  # cached: `available()` may compile or load the extension once
+        _cpp_ok = cpu_kernels is not None and bool(cpu_kernels.available())
+    return _cpp_ok
+
+
+def _global_hooks() -> bool:
+    # global module hooks fire on every module call; the fast code skips some module calls
+    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks
+                or _module_state._global_backward_hooks or _module_state._global_backward_pre_hooks)
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    """No hooks that the fast code, which skips the module's call, would skip (prune uses a pre-hook)."""
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _exact(module: Optional[nn.Module], cls: type) -> bool:
+    """`module` is exactly `cls` (not a subclass, wrapper or quantised swap) and has no hooks."""
+    return type(module) is cls and _no_hooks(module)
+
+
+def _eager_device(x: torch.Tensor) -> Optional[str]:
+    """'cpu' / 'cuda' when the fast code may run on x at all (eager, switch on), else None."""
+    if not _enabled or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+        return None
+    device = x.device.type
+    return device if device in ('cpu', 'cuda') else None
+
+
+def _records_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    """Will autograd record this call? The one 'training' rule of every fast path."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def _mixing_modules_fit(module: nn.Module) -> bool:
+    """The modules whose weights the fast mixing reads directly (it does not call them)."""
+    ops = [module.mix_h, module.mix_w] if hasattr(module, 'mix_h') else [module]
+    for op in ops:
+        if not (_exact(op.reduce, nn.Linear) and _exact(op.generate, nn.Linear)):
+            return False
+        if len(ops) == 2 and not _exact(op.proj, nn.Linear):  # the block folds the projections
+            return False
+    return len(ops) == 1 or _exact(module.mix_c, nn.Linear)
+
+
+def mixing_path(module: nn.Module, x: torch.Tensor) -> str:
+    """The path of a DynaMixerBlock (both of its ops) or of a DynaMixerOp called on its own.
+
+    `module._fast_mixing` is set at construction (`static_mixing_ok`).
+    """
+    path = _decide_mixing(module, x)
+    if _recording is not None:
+        _recording.append((module, path))
+        for op in (getattr(module, 'mix_h', None), getattr(module, 'mix_w', None)):
+            if op is not None:
+                _recording.append((op, path))
+    return path
+
+
+def _decide_mixing(module: nn.Module, x: torch.Tensor) -> str:
+    if not module._fast_mixing:
+        return PLAIN
+    device = _eager_device(x)
+    if device is None or _global_hooks() or not _mixing_modules_fit(module):
+        return PLAIN
+    if device == 'cuda' and _triton_ready():
+        backend = 'triton'  # also under autocast: the kernel follows the plain path's casts
+    elif torch.is_autocast_enabled(device):
+        return PLAIN
+    elif device == 'cpu' and _cpp_ready():
+        backend = 'cpp'
+    else:
+        backend = 'fast'
+    return _PATHS[backend, _records_grad(x, module)]
+
+
+def mlp_path(layer: nn.Module, x: torch.Tensor) -> str:
+    """The path of a MixerLayer's channel MLP: 'plain', 'fast-train' (`RecomputeGeluMlp`) or
+    'fast-inference' (chunked, added into the residual stream; CPU, no autograd, eval mode)."""
+    path = _decide_mlp(layer, x)
+    if _recording is not None:
+        _recording.append((layer.mlp, path))
+    return path
+
+
+def _decide_mlp(layer: nn.Module, x: torch.Tensor) -> str:
+    device = _eager_device(x)
+    if device is None or torch.is_autocast_enabled(device) or _global_hooks():
+        return PLAIN
+    mlp = layer.mlp
+    if not (_exact(mlp, Mlp) and _exact(mlp.fc1, nn.Linear) and _exact(mlp.fc2, nn.Linear)
+            and _exact(mlp.act, nn.GELU) and _exact(mlp.norm, nn.Identity) and _exact(layer.norm2, nn.LayerNorm)
+            and _exact(mlp.drop1, nn.Dropout) and _exact(mlp.drop2, nn.Dropout)
+            and mlp.fc1.bias is not None and mlp.fc2.bias is not None):
+        return PLAIN
+    if layer.training and (mlp.drop1.p > 0 or mlp.drop2.p > 0):
+        return PLAIN
+    # the inference form skips the drop-path modules (identities in eval mode) and adds in place
+    if device == 'cpu' and not layer.training and not _records_grad(x, layer):
+        if _no_hooks(layer.drop_path1) and _no_hooks(layer.drop_path2):
+            return _PATHS['fast', False]
+    return _PATHS['fast', True]
+
+
+# --------------------------------------------------------------------------------------------
+# which path each module took
+# --------------------------------------------------------------------------------------------
+
+_recording: Optional[List[Tuple[nn.Module, str]]] = None
+
+
+@contextlib.contextmanager
+def _record() -> Iterator[List[Tuple[nn.Module, str]]]:
+    global _recording
+    prev, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = prev
+
+
+def explain_paths(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, str]:
+    """Run ``model(*args, **kwargs)`` once and report the path each deciding module took.
+
+    Returns {module name: path}, e.g. ``{'stages.0.blocks.0.token_mixer': 'fast-inference',
+    'stages.0.blocks.0.token_mixer.mix_h': 'fast-inference', 'stages.0.blocks.0.mlp': 'fast-inference', ...}``
+    with paths 'plain', 'fast-inference', 'fast-train', 'triton-inference', 'triton-train' (and
+    'cpp-*' for the compiled CPU backend). Keys are the mixing blocks, their ops and the layers'
+    MLPs (named as in ``model.named_modules()``); the call runs under the caller's grad mode,
+    autocast and device, so the answer is the one for such a call.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    with _record() as seen:
+        model(*args, **kwargs)
+    return {names.get(id(m), type(m).__name__): path for m, path in seen}
