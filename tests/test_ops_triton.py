@@ -1,4 +1,4 @@
-"""The Triton kernels (src/dynamixer/triton_mixing.py) on the CPU, under TRITON_INTERPRET=1.
+"""The Triton kernels (src/dynamixer/ops/triton_mixing.py) on the CPU, under TRITON_INTERPRET=1.
 
 Triton reads TRITON_INTERPRET when it is imported, so the checks run in a fresh interpreter
 (`python tests/test_triton.py <case>`). They compare forward and gradients with a float64 loop
@@ -37,8 +37,8 @@ def _reference(x4, r2, weight, bias, s):
 
 def _check(case: str) -> None:
     import torch
-    from dynamixer.fast_mixing import generator_rows_out_major
-    from dynamixer.triton_mixing import triton_available, triton_dynamic_mix, triton_mix_forward
+    from dynamixer.ops.mixing import generator_rows_out_major
+    from dynamixer.ops.triton_mixing import triton_available, triton_dynamic_mix, triton_mix_forward
     assert triton_available()
     torch.manual_seed(0)
     b, n, l, s, cs, d, strided = CASES[case]

@@ -1,0 +1,207 @@
+"""ops/dispatch.py: which path runs when (docs/fast_path.md's table), the switch, the explain
+helper, and that every path computes the same function (plain vs fast, TorchScript, FX, compile)."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import dynamixer
+from dynamixer.ops import dispatch
+from dynamixer.model import DynaMixerBlock, DynaMixerOp, MixerLayer
+
+from helpers import authors_names, grads_close, random_nano, randomize_
+from reference import reference_block, reference_logits, reference_op, make_authors_state_dict
+
+
+@pytest.fixture(autouse=True)
+def _fast_path_for_every_size(monkeypatch):
+    # the library keeps sequences shorter than 16 tokens on the plain path (decided at
+    # construction); test the fast one on small modules
+    monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 1)
+
+
+def test_short_sequences_take_the_plain_path(monkeypatch):
+    monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 16)
+    # one decision for the block and both of its ops: an 8-token axis keeps all of it plain
+    paths = dynamixer.explain_paths(DynaMixerBlock(8, (8, 16), 2, 2), torch.randn(1, 8, 16, 8))
+    assert paths == {'': 'plain', 'mix_h': 'plain', 'mix_w': 'plain'}
+    paths = dynamixer.explain_paths(DynaMixerBlock(8, (16, 16), 2, 2), torch.randn(1, 16, 16, 8))
+    assert set(paths.values()) == {'fast-train'}
+    # an op on its own follows the same length rule
+    assert dynamixer.explain_paths(DynaMixerOp(8, 8, 2, 2), torch.randn(2, 8, 8)) == {'': 'plain'}
+
+
+@pytest.mark.parametrize('kw', [dict(img_size=(32, 48)), dict(reweight=False)])
+def test_model_fast_path_equals_plain_path(monkeypatch, kw):
+    model = random_nano(**kw)
+    x = torch.randn(2, 3, *model.img_size, dtype=torch.float64)
+    y = model(x)
+    y.square().sum().backward()
+    fast = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    assert 'fast-train' in dynamixer.explain_paths(model, x).values()
+    model.zero_grad()
+    with dynamixer.set_fast_path(False):
+        assert set(dynamixer.explain_paths(model, x).values()) == {'plain'}
+        model.zero_grad()
+        y_plain = model(x)
+    y_plain.square().sum().backward()
+    torch.testing.assert_close(y, y_plain, rtol=1e-10, atol=1e-12)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(fast[k], p.grad, rtol=1e-8, atol=1e-10 * p.grad.abs().max().item(), msg=k)
+
+
+def test_static_mixing_unchanged():
+    blk = randomize_(DynaMixerBlock(8, (3, 5), 2, 2, mixing='static').double())
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+
+    def op(o, t):   # t: (..., N, C); independent einsum form of the static op
+        p = o.static_logits.softmax(dim=-2)                              # (S, N_in, N_out)
+        ts = t.unflatten(-1, (o.num_segments, -1))                       # (..., N, S, C/S)
+        return o.proj(torch.einsum('sij,...isc->...jsc', p, ts).flatten(-2))
+    h = op(blk.mix_h, x.transpose(1, 2)).transpose(1, 2)
+    w = op(blk.mix_w, x)
+    c = blk.mix_c(x)
+    a = blk.reweight((h + w + c).mean((1, 2))).unflatten(-1, (8, 3)).softmax(-1)[:, None, None]
+    expected = blk.proj(h * a[..., 0] + w * a[..., 1] + c * a[..., 2])
+    torch.testing.assert_close(blk(x), expected)
+
+
+def test_torchscript_and_fx_equal_eager():
+    model = random_nano().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    y = model(x)
+    torch.testing.assert_close(torch.jit.script(model)(x), y, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), y, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_and_grad_checkpointing():
+    model = random_nano().float()
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    yb = copy.deepcopy(model).to(torch.bfloat16)(x.bfloat16()).float()
+    assert (yb - y).abs().max() <= 0.05 * y.abs().max()
+    model.set_grad_checkpointing(True)
+    y.sum().backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for a, p in zip(g, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torch_compile_equals_eager():
+    model = random_nano().float()
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    y.square().sum().backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    yc = torch.compile(model)(x)
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-5)
+    for a, p in zip(g, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-3, atol=1e-4 * a.abs().max().item())
+
+
+
+def test_switch_global_and_as_context_manager():
+    blk = DynaMixerBlock(8, (4, 4), 2, 2)
+    x = torch.randn(1, 4, 4, 8)
+    assert dynamixer.fast_path_enabled()
+    with dynamixer.set_fast_path(False):
+        assert not dynamixer.fast_path_enabled()
+        assert dynamixer.explain_paths(blk, x)[''] == 'plain'
+    assert dynamixer.fast_path_enabled()
+    dynamixer.set_fast_path(False)
+    try:
+        assert dynamixer.explain_paths(blk, x)[''] == 'plain'
+    finally:
+        dynamixer.set_fast_path(True)
+    assert dynamixer.explain_paths(blk, x)[''] == 'fast-train'
+
+
+def test_environment_variable_turns_the_fast_paths_off():
+    import os
+    import subprocess
+    import sys
+    code = ('import dynamixer, torch\n'
+            'from dynamixer.ops import dispatch\n'
+            'dispatch.FAST_PATH_MIN_TOKENS = 1\n'
+            'b = dynamixer.DynaMixerBlock(8, (4, 4), 2, 2)\n'
+            'print(dynamixer.fast_path_enabled(), dynamixer.explain_paths(b, torch.randn(1, 4, 4, 8))[""])')
+    for value, expected in (('0', 'False plain'), ('off', 'False plain'), ('1', 'True fast-train')):
+        env = dict(os.environ, DYNAMIXER_FAST_PATH=value)
+        out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+
+
+def test_per_call_rules():
+    blk = DynaMixerBlock(8, (4, 4), 2, 2)
+    layer = MixerLayer(8, (4, 4), 2, 2).eval()
+    x = torch.randn(1, 4, 4, 8)
+    assert dispatch.mixing_path(blk, x) == 'fast-train'                 # parameters require grad
+    with torch.no_grad():
+        assert dispatch.mixing_path(blk, x) == 'fast-inference'
+        assert dispatch.mlp_path(layer, x) == 'fast-inference'
+        with torch.autocast('cpu', dtype=torch.bfloat16):                # CPU autocast: plain
+            assert dispatch.mixing_path(blk, x) == 'plain'
+            assert dispatch.mlp_path(layer, x) == 'plain'
+        xm = torch.empty(1, 4, 4, 8, device='meta')                      # meta: the spec's op sequence
+        assert dispatch.mixing_path(blk, xm) == 'plain' and dispatch.mlp_path(layer, xm) == 'plain'
+    static = DynaMixerBlock(8, (4, 4), 2, 2, mixing='static')
+    assert dispatch.mixing_path(static, x) == 'plain'
+    # MLP dropout in training mode keeps the plain MLP (its dropout masks are the module's)
+    drop = MixerLayer(8, (4, 4), 2, 2).train()
+    drop.mlp.drop1.p = 0.1
+    assert dispatch.mlp_path(drop, x) == 'plain'
+
+
+def test_hooks_and_swapped_modules_take_the_plain_path():
+    blk = randomize_(DynaMixerBlock(8, (4, 4), 2, 2).double(), std=0.3)
+    x = torch.randn(2, 4, 4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        fast = blk(x)
+        seen = []
+        handle = blk.mix_h.generate.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert dynamixer.explain_paths(blk, x)[''] == 'plain'
+        assert seen                                                      # the hook ran
+        torch.testing.assert_close(blk(x), fast, rtol=1e-10, atol=1e-12)
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+        try:
+            assert dynamixer.explain_paths(blk, x)[''] == 'plain'
+        finally:
+            handle.remove()
+        assert dynamixer.explain_paths(blk, x)[''] == 'fast-inference'
+
+
+def test_cpp_backend_slot(monkeypatch):
+    """A compiled CPU backend (ops/cpu_kernels.py: available(), DynamicMix, dynamic_mix_forward)
+    is picked up on the CPU when present; here stood in for by the PyTorch kernels."""
+    import types
+    from dynamixer.ops import mixing
+    fake = types.SimpleNamespace(available=lambda: True, DynamicMix=mixing.DynamicMix,
+                                 dynamic_mix_forward=mixing.dynamic_mix_forward)
+    blk = randomize_(DynaMixerBlock(8, (4, 4), 2, 2).double(), std=0.3)
+    x = torch.randn(2, 4, 4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = blk(x)
+        monkeypatch.setattr(dispatch, 'cpu_kernels', fake)
+        monkeypatch.setattr(dispatch, '_cpp_ok', None)
+        assert dynamixer.explain_paths(blk, x)[''] == 'cpp-inference'
+        torch.testing.assert_close(blk(x), expected, rtol=0, atol=0)
+    assert dispatch.mixing_path(blk, x) == 'cpp-train'
+
+
+def test_explain_paths_on_nano():
+    model = timm.create_model('dynamixer_nano').eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        paths = dynamixer.explain_paths(model, x)
+    # nano's 8x8 and 4x4 grids are built with the 16-token minimum patched to 1 here
+    assert paths['stages.0.blocks.0.token_mixer'] == paths['stages.0.blocks.0.token_mixer.mix_h'] == 'fast-inference'
+    assert paths['stages.3.blocks.1.mlp'] == 'fast-inference'
+    assert len(paths) == 8 * 4
