@@ -185,6 +185,9 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
     # 1. same function: outputs and gradients, float32
     x = torch.randn(2, 3, *img, device=device)
     res['check'] = check_equal(lib, ref, x, args.tol)
+    with torch.inference_mode():   # which paths the library takes (ops.dispatch), for the record
+        paths = list(dynamixer.explain_paths(lib.eval(), x).values())
+    res['paths_inference'] = {p: paths.count(p) for p in sorted(set(paths))}
     res['gmacs_per_image'] = count_macs(ref.eval(), x[:1]) / 1e9
     res['train_gmacs_per_image'] = count_macs(ref.train(), x[:1], backward=True) / 1e9
 

@@ -24,9 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import dynamixer  # noqa: F401  (registers the models)
-import dynamixer.fast_mixing as fast_mixing
-import dynamixer.fast_mlp as fast_mlp
 import dynamixer.model as dm
+from dynamixer.ops import dispatch, explain_paths, fast_forms, mixing, mlp
 
 TIMES: Dict[str, float] = defaultdict(float)
 
@@ -79,9 +78,12 @@ def part_macs(model: torch.nn.Module, infer_batch: int, train_batch: int) -> Dic
 
 
 def instrument() -> None:
-    for name in ('dynamic_mix_forward', 'reweighted_sum', 'mlp_residual_inference_'):
-        setattr(dm, name, _timed(name, getattr(dm, name)))
-    for cls in (fast_mixing.DynamicMix, fast_mixing.ReweightedSum, fast_mlp.RecomputeGeluMlp):
+    # timing wrappers where the fast forms look the kernels up (ops.dispatch picks the path)
+    train, infer = dispatch.KERNELS['fast']
+    dispatch.KERNELS['fast'] = (train, _timed('dynamic_mix_forward', infer))
+    for name in ('reweighted_sum', 'mlp_residual_inference_'):
+        setattr(fast_forms, name, _timed(name, getattr(fast_forms, name)))
+    for cls in (mixing.DynamicMix, mixing.ReweightedSum, mlp.RecomputeGeluMlp):
         for meth in ('forward', 'backward'):
             setattr(cls, meth, staticmethod(_timed(f'{cls.__name__}.{meth}', getattr(cls, meth))))
 
@@ -124,6 +126,9 @@ def main() -> int:
         infer()
         step()
     counts = part_macs(model, args.infer_batch, args.train_batch)
+    with torch.inference_mode():
+        paths = explain_paths(model.eval(), xi)
+    print('paths (inference): ' + ', '.join(f'{p} x{list(paths.values()).count(p)}' for p in sorted(set(paths.values()))))
     instrument()
     results = {}
     for label, fn in (('inference', infer), ('training step', step)):

@@ -181,15 +181,13 @@ def test_hooks_and_swapped_modules_take_the_plain_path():
 def test_cpp_backend_slot(monkeypatch):
     """A compiled CPU backend (ops/cpu_kernels.py: available(), DynamicMix, dynamic_mix_forward)
     is picked up on the CPU when present; here stood in for by the PyTorch kernels."""
-    import types
     from dynamixer.ops import mixing
-    fake = types.SimpleNamespace(available=lambda: True, DynamicMix=mixing.DynamicMix,
-                                 dynamic_mix_forward=mixing.dynamic_mix_forward)
     blk = randomize_(DynaMixerBlock(8, (4, 4), 2, 2).double(), std=0.3)
     x = torch.randn(2, 4, 4, 8, dtype=torch.float64)
     with torch.no_grad():
         expected = blk(x)
-        monkeypatch.setattr(dispatch, 'cpu_kernels', fake)
+        monkeypatch.setitem(dispatch.KERNELS, 'cpp', (mixing.DynamicMix.apply, mixing.dynamic_mix_forward))
+        monkeypatch.setattr(dispatch, 'cpp_available', lambda: True)
         monkeypatch.setattr(dispatch, '_cpp_ok', None)
         assert dynamixer.explain_paths(blk, x)[''] == 'cpp-inference'
         torch.testing.assert_close(blk(x), expected, rtol=0, atol=0)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import timm
 
 import dynamixer
+from helpers import to_authors
 from dynamixer.checkpoint import load_model
 from dynamixer.model import DynaMixerOp, checkpoint_filter_fn
 from dynamixer.resample import (
@@ -45,28 +46,6 @@ def _save(tmp_path, obj, name='w.pth'):
     path = str(tmp_path / name)
     torch.save(obj, path)
     return path
-
-
-def _to_authors(state_dict):
-    """This project's nano layout -> the authors' flat `network.i` layout (inverse of the filter)."""
-    flat = {'stages.0.blocks.': 'network.0.', 'stages.1.downsample.': 'network.1.',
-            'stages.1.blocks.': 'network.2.', 'stages.2.blocks.': 'network.3.', 'stages.3.blocks.': 'network.4.'}
-    renames = [('.token_mixer.mix_h.reduce.', '.attn.mix_h.compress.'),
-               ('.token_mixer.mix_w.reduce.', '.attn.mix_w.compress.'),
-               ('.token_mixer.mix_h.proj.', '.attn.mix_h.out.'), ('.token_mixer.mix_w.proj.', '.attn.mix_w.out.'),
-               ('.token_mixer.mix_c.', '.attn.mlp_c.'), ('.token_mixer.', '.attn.')]
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('stem.'):
-            k = 'patch_embed.' + k[len('stem.'):]
-        for ours, theirs in flat.items():
-            if k.startswith(ours):
-                k = theirs + k[len(ours):]
-                break
-        for ours, theirs in renames:
-            k = k.replace(ours, theirs)
-        out[k] = v
-    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,7 +307,7 @@ def test_model_target_equals_size_target(trained_like):
 
 def test_authors_layout_at_other_size(trained_like):
     sd = trained_like.state_dict()
-    authors = _to_authors(sd)
+    authors = to_authors(sd)
     assert any(k.startswith('network.4.') for k in authors)
     resampled = resample_state_dict(authors, 48)              # keeps the authors' layout
     assert resampled.keys() == authors.keys()
@@ -398,7 +377,7 @@ def test_load_model_at_other_size(trained_like, tmp_path):
 
 def test_trained_img_size_read_from_weights(trained_like):
     assert trained_img_size(trained_like.state_dict()) == (32, 32)
-    assert trained_img_size(_to_authors(_nano((48, 24)).state_dict())) == (48, 24)
+    assert trained_img_size(to_authors(_nano((48, 24)).state_dict())) == (48, 24)
     assert trained_img_size(_nano(16, mixing='static').state_dict()) == (16, 16)
     with torch.device('meta'):
         assert trained_img_size(timm.create_model('dynamixer_m', img_size=(448, 224)).state_dict()) == (448, 224)

@@ -29,13 +29,14 @@ switch) is checked per call: a handful of attribute reads.
 Backends of the fast mixing: 'triton' on CUDA with Triton installed, 'torch' otherwise, and a slot
 for 'cpp', compiled CPU kernels in ``ops/cpu_kernels.py`` (not part of this module: when that
 module exists and its ``available()`` is true, its ``DynamicMix`` and ``dynamic_mix_forward``,
-drop-in equivalents of `ops.mixing`'s, serve CPU calls; see `mixing_backend`).
+drop-in equivalents of `ops.mixing`'s, enter `KERNELS` as 'cpp' and serve CPU calls, paths
+'cpp-train' / 'cpp-inference'; see `_decide_mixing`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,16 +44,18 @@ from timm.layers import Mlp
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules import module as _module_state
 
-from . import mixing, triton_mixing
+from .mixing import DynamicMix, dynamic_mix_forward
+from .triton_mixing import triton_available, triton_dynamic_mix, triton_mix_forward
 
 try:  # the compiled CPU backend's slot: written separately, absent in most installs
-    from . import cpu_kernels  # type: ignore[attr-defined]
+    from .cpu_kernels import DynamicMix as CppDynamicMix  # type: ignore[import-not-found]
+    from .cpu_kernels import available as cpp_available, dynamic_mix_forward as cpp_dynamic_mix_forward
 except ImportError:
-    cpu_kernels = None
+    cpp_available = None
 
 __all__ = [
     'FAST_PATH_MIN_TOKENS', 'PLAIN', 'set_fast_path', 'fast_path_enabled', 'static_mixing_ok',
-    'mixing_path', 'mlp_path', 'is_training_path', 'mixing_backend', 'explain_paths',
+    'mixing_path', 'mlp_path', 'is_training_path', 'mixing_backend', 'KERNELS', 'explain_paths',
 ]
 
 # Shorter sequences take the plain mixing: with N x N matrices of 8 x 8 or smaller the copies the
@@ -110,15 +113,23 @@ def is_training_path(path: str) -> bool:
     return path.endswith('-train')
 
 
-def mixing_backend(path: str) -> Tuple[str, Any]:
-    """(backend name, kernel module) for a fast mixing path: 'fast' -> `ops.mixing`, 'triton' ->
+# backend -> (training form, inference form) of the mixing kernel, both called as
+# f(x4, r2, weight, bias, s); the inference forms take out= on the CPU. 'triton' wants the
+# generator rows permuted [out j, in i] (`generator_rows_out_major`).
+KERNELS: Dict[str, Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+    'fast': (DynamicMix.apply, dynamic_mix_forward),
+    'triton': (triton_dynamic_mix, triton_mix_forward),
+}
+if cpp_available is not None:
+    KERNELS['cpp'] = (CppDynamicMix.apply, cpp_dynamic_mix_forward)
+
+
+def mixing_backend(path: str) -> Tuple[str, Callable[..., torch.Tensor]]:
+    """(backend name, kernel) for a fast mixing path: 'fast' -> `ops.mixing`, 'triton' ->
     `ops.triton_mixing`, 'cpp' -> `ops.cpu_kernels` (the compiled CPU slot)."""
     backend = path.rsplit('-', 1)[0]
-    if backend == 'cpp':
-        return backend, cpu_kernels
-    if backend == 'triton':
-        return backend, triton_mixing
-    return backend, mixing
+    train, infer = KERNELS[backend]
+    return backend, train if is_training_path(path) else infer
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,14 +143,14 @@ _cpp_ok: Optional[bool] = None
 def _triton_ready() -> bool:
     global _triton_ok
     if _triton_ok is None:  # cached: Triton and CUDA do not come and go within a process
-        _triton_ok = triton_mixing.triton_available()
+        _triton_ok = triton_available()
     return _triton_ok
 
 
 def _cpp_ready() -> bool:
     global _cpp_ok
     if _cpp_ok is None:  # cached: `available()` may compile or load the extension once
-        _cpp_ok = cpu_kernels is not None and bool(cpu_kernels.available())
+        _cpp_ok = 'cpp' in KERNELS and cpp_available is not None and bool(cpp_available())
     return _cpp_ok
 
 

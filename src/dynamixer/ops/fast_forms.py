@@ -31,19 +31,15 @@ def mix_tokens_fast(op: nn.Module, x4: torch.Tensor, r: torch.Tensor, path: str,
     b, n, l, _ = x4.shape
     s, d = op.num_segments, op.reduced_dim
     r2 = reduced_token_major(r, b, n, l, s, d)
-    train = is_training_path(path)
-    backend, kernels = mixing_backend(path)
+    backend, kernel = mixing_backend(path)
     if backend == 'triton':
-        assert out is None, 'out= is for the CPU inference path only'
         weight, bias = generator_rows_out_major(op.generate.weight, op.generate.bias, n)
-        if train:
-            return kernels.triton_dynamic_mix(x4, r2, weight, bias, s)
-        return kernels.triton_mix_forward(x4, r2, weight, bias, s)
-    weight, bias = op.generate.weight, op.generate.bias
-    if train:
-        assert out is None, 'out= is for the CPU inference path only'
-        return kernels.DynamicMix.apply(x4, r2, weight, bias, s)
-    return kernels.dynamic_mix_forward(x4, r2, weight, bias, s, out=out)
+    else:
+        weight, bias = op.generate.weight, op.generate.bias
+    if out is None:
+        return kernel(x4, r2, weight, bias, s)
+    assert not is_training_path(path) and backend != 'triton', 'out= is for the CPU inference path only'
+    return kernel(x4, r2, weight, bias, s, out=out)
 
 
 def op_forward_fast(op: nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
