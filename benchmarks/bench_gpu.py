@@ -2,7 +2,7 @@
 
 bf16 autocast training throughput (forward, backward, AdamW) and inference at batch 128, peak
 memory (torch.cuda.max_memory_allocated), after the float32 output/gradient check. The library
-model picks the Triton kernels by itself on CUDA (dynamixer.triton_mixing); this script refuses
+model picks the Triton kernels by itself on CUDA (dynamixer.ops.triton_mixing, chosen by dynamixer.ops.dispatch); this script refuses
 to run when Triton or a GPU is missing, so that a figure is never reported for the wrong path.
 Target: >= 2x training throughput for dynamixer_s on an H100.
 
@@ -21,7 +21,7 @@ import bench_speed  # noqa: E402
 def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit('bench_gpu.py needs a CUDA GPU (use bench_speed.py on the CPU).')
-    from dynamixer.triton_mixing import triton_available
+    from dynamixer.ops.triton_mixing import triton_available
     if not triton_available():
         raise SystemExit('Triton is not installed: the library would use its PyTorch path.')
     argv = sys.argv[1:]

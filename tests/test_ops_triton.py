@@ -1,7 +1,7 @@
 """The Triton kernels (src/dynamixer/ops/triton_mixing.py) on the CPU, under TRITON_INTERPRET=1.
 
 Triton reads TRITON_INTERPRET when it is imported, so the checks run in a fresh interpreter
-(`python tests/test_triton.py <case>`). They compare forward and gradients with a float64 loop
+(`python tests/test_ops_triton.py <case>`). They compare forward and gradients with a float64 loop
 over the spec's equations, at odd sizes (N=7, d=3, S=3, C/S=5) and with strided inputs.
 """
 import os
