@@ -139,3 +139,15 @@ def test_lora_wrapper_and_pruning_take_the_plain_path():
         prune.remove(layer.mlp.fc2, 'weight')
         assert dynamixer.explain_paths(layer, x)['token_mixer'] == 'fast-inference'
         torch.testing.assert_close(layer(x), out, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_trained_with_one_channel_load_into_a_one_channel_model(tmp_path):
+    src = nano(in_chans=1, num_classes=4).eval()
+    path = tmp_path / 'gray.pth'
+    torch.save(src.state_dict(), path)
+    model = timm.create_model('dynamixer_nano', pretrained=True, in_chans=1, num_classes=4,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=4)).eval()
+    assert torch.equal(model.stem.proj.weight, src.stem.proj.weight)
+    with pytest.raises(ValueError, match='input channels'):   # 1 channel into 4: not what timm adapts
+        timm.create_model('dynamixer_nano', pretrained=True, in_chans=4, num_classes=4,
+                          pretrained_cfg_overlay=dict(file=str(path), num_classes=4))

@@ -490,7 +490,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[s
     if first_conv is not None and problem is None:
         have = state_dict[first_conv + '.weight'].shape[1]
         source = (model.pretrained_cfg.get('input_size') or (3,))[0]
-        if have != source:
+        if have not in (model.in_chans, source):   # equal to in_chans: nothing to adapt
             problem = (f'{first_conv}.weight has {have} input channels, the pretrained cfg declares {source}; '
                        f'timm adapts only from the declared count')
     if problem is not None:
