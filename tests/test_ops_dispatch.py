@@ -170,6 +170,11 @@ def test_hooks_and_swapped_modules_take_the_plain_path():
         assert seen                                                      # the hook ran
         torch.testing.assert_close(blk(x), fast, rtol=1e-10, atol=1e-12)
         handle.remove()
+        # a hook on an op: the block calls its ops (plain, as decided once for the block)
+        handle = blk.mix_w.register_forward_pre_hook(lambda m, args: seen.append('op'))
+        assert dynamixer.explain_paths(blk, x) == {'': 'plain', 'mix_h': 'plain', 'mix_w': 'plain'}
+        assert seen[-1] == 'op'
+        handle.remove()
         handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
         try:
             assert dynamixer.explain_paths(blk, x)[''] == 'plain'

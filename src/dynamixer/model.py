@@ -115,15 +115,12 @@ class DynaMixerOp(nn.Module):
         logits = self.generate(r).unflatten(-1, (n, n))         # (..., S, N_in, N_out)
         return logits.softmax(dim=-2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        """`plain=True`: the block has decided for the plain path (one decision for both ops)."""
         if not torch.jit.is_scripting():
-            path = dispatch.mixing_path(self, x)
+            path = dispatch.PLAIN if plain else dispatch.mixing_path(self, x)
             if path != dispatch.PLAIN:
                 return fast_forms.op_forward_fast(self, x, path)
-        return self.forward_plain(x)
-
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
-        """The spec's op, step by step (the block calls it after deciding its path)."""
         s = self.num_segments
         p = self.mixing_weights(x)                              # (..., S, N_in, N_out)
         xs = x.unflatten(-1, (s, self.dim // s)).transpose(-3, -2)  # (..., S, N_in, C/S)
@@ -167,8 +164,8 @@ class DynaMixerBlock(nn.Module):
             path = dispatch.mixing_path(self, x)
             if path != dispatch.PLAIN:
                 return fast_forms.block_forward_fast(self, x, path)
-        h = self.mix_h.forward_plain(x.transpose(1, 2)).transpose(1, 2)  # mix along H, per column
-        w = self.mix_w.forward_plain(x)                                  # mix along W, per row
+        h = self.mix_h(x.transpose(1, 2), plain=True).transpose(1, 2)   # mix along H, per column
+        w = self.mix_w(x, plain=True)                                    # mix along W, per row
         c = self.mix_c(x)
         if self.reweight is None:
             return self.proj(h + w + c)

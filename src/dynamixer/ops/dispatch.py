@@ -190,7 +190,8 @@ def _mixing_modules_fit(module: nn.Module) -> bool:
     for op in ops:
         if not (_exact(op.reduce, nn.Linear) and _exact(op.generate, nn.Linear)):
             return False
-        if len(ops) == 2 and not _exact(op.proj, nn.Linear):  # the block folds the projections
+        # the block folds the ops' projections and does not call the ops as modules
+        if len(ops) == 2 and not (_exact(op.proj, nn.Linear) and _no_hooks(op)):
             return False
     return len(ops) == 1 or _exact(module.mix_c, nn.Linear)
 
