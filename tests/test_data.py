@@ -149,7 +149,7 @@ def test_digits_split_is_disjoint():
 def test_digits_label_is_the_left_digit():
     """Rebuild the canvases from the recorded placements and check the label independently:
     the class of the digit whose left edge is smaller, and the two classes differ."""
-    from dynamixer.digits import _compose
+    from dynamixer.data.digits import _compose
     images, labels = _load_digits()
     rng = np.random.default_rng(0)
     canvas, target, where = _compose(images, labels, 200, 32, 1, 2, rng, align=4)

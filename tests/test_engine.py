@@ -22,8 +22,6 @@ def test_count_macs_is_half_the_flop_count_and_the_same_for_every_caller():
     assert hub.count_macs is engine.count_macs
     assert info.model_stats('dynamixer_nano')['gmacs'] == pytest.approx(count_macs(
         timm.create_model('dynamixer_nano')) / 1e9, rel=0, abs=0)
-    # nano at 32x32: a fixed figure (docs); a change here changes the published tables
-    assert count_macs(timm.create_model('dynamixer_nano')) == count_macs(timm.create_model('dynamixer_nano'))
 
 
 def test_evaluate_matches_a_direct_computation():
