@@ -61,17 +61,6 @@ def test_data_folder_missing_empty_or_flat(tmp_path):
     assert cli_main(['train', str(tmp_path / 'nope')]) == 2
 
 
-def _add_bad_files(d):
-    (d / 'zero.png').write_bytes(b'')
-    (d / 'text.jpg').write_text('this is not an image')
-    (d / 'noise.png').write_bytes(os.urandom(300))
-    buf = d / 'whole.png'
-    _image(0, 99).save(buf)
-    (d / 'truncated.png').write_bytes(buf.read_bytes()[:200])
-    buf.unlink()
-    (d / 'notes.txt').write_text('ignored: not an image extension')
-
-
 def test_bad_images_skipped_and_counted_or_error(tmp_path, capsys):
     folder = make_folder(tmp_path / 'data')
     _add_bad_files(folder / 'train' / 'a')
