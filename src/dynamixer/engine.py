@@ -6,6 +6,7 @@ Nothing here parses flags or writes files; the commands (`train`, `validate`, `a
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 import time
@@ -82,7 +83,6 @@ def setup_process(device_name: str = 'auto', threads: int = 0, distributed: bool
     if distributed and world > 1 and not dist.is_initialized():
         kw: Dict[str, Any] = {}
         if timeout_s is not None:
-            import datetime
             kw['timeout'] = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo', **kw)
     return Process(rank, world, device)

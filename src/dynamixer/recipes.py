@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import yaml
+
 __all__ = ['OPTIONS', 'RECIPES', 'DEFAULTS', 'ConfigError', 'get_recipe', 'resolve_config',
            'add_config_arguments', 'config_overrides', 'load_yaml']
 
@@ -189,7 +191,6 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 def load_yaml(path: str) -> Dict[str, Any]:
     """Settings from a YAML file (a mapping of setting name -> value)."""
-    import yaml
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     with open(path) as f:

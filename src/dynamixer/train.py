@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import yaml
 import torch.nn as nn
 
 import timm
@@ -35,6 +36,7 @@ from .data import DataError, build_datasets, build_transforms
 from .engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
                      setup_process, train_one_epoch, worker_init)
 from .errors import DynaMixerError
+from .model import _unwrap_state_dict, checkpoint_filter_fn
 from .recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
 from .runlog import RunLog, atomic_torch_save, save_safetensors
 
@@ -68,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, resume = _config_from_args(args)
         if args.print_config:
-            import yaml
             print(yaml.safe_dump(config, sort_keys=False), end='')
             return 0
         config['output'] = run_folder(config, resume)
@@ -140,7 +141,6 @@ def _build_model(config: Dict[str, Any], num_classes: int,
 
 def _load_pretrained(model: nn.Module, path: str, new_head: bool) -> None:
     """Start from the weights in `path` (any layout load_model reads); optionally a fresh head."""
-    from .model import _unwrap_state_dict, checkpoint_filter_fn
     raw = dict(_unwrap_state_dict(read_checkpoint(path)))
     head = {f'head.{k}': v.clone() for k, v in model.head.state_dict().items()}
     if new_head:
