@@ -58,3 +58,194 @@ def grads_close(params_a, params_b, rtol: float = 1e-9) -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=rtol * b.grad.abs().max().item())
 
 # ------------------------------------------------------------------------ command side
+
+
+"""Shared test helpers.
+
+Section "commands" (train / validate / predict / export / hub tests): tiny image folders,
+training configs, random-weight checkpoints in this project's format and exported files. Fixtures
+defined here are imported by the test modules that use them (`from helpers import folder, ...`)."""
+import contextlib
+import copy
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dynamixer
+from dynamixer import cli
+from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
+from dynamixer.cli import main as cli_main
+from dynamixer.data import sample_images
+from dynamixer.recipes import resolve_config
+from dynamixer.train import train
+
+try:  # the `onnx` extra; without it only the ONNX tests skip (through the onnx_export fixture)
+    import onnx
+    import onnxruntime as ort
+except ImportError:
+    onnx = ort = None
+
+
+# ==== commands: train / validate / predict / export / hub ========================================
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
+NUM_CLASSES = 10
+CLASS_NAMES = [f'digit {i}' for i in range(NUM_CLASSES)]
+ATOL = 1e-4
+
+
+def _image(cls: int, i: int, size: int = 36) -> Image.Image:
+    """A class-dependent pattern: class 0 vertical stripes, 1 horizontal, 2 a square; some noise."""
+    rng = np.random.default_rng(cls * 1000 + i)
+    a = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    if cls == 0:
+        a[:, ::6] = 255
+    elif cls == 1:
+        a[::6, :] = 255
+    else:
+        a[8:28, 8:28] = 200
+    return Image.fromarray(a, 'RGB')
+
+
+def make_folder(root, classes=('a', 'b'), n_train=8, n_val=4):
+    for split, n in (('train', n_train), ('val', n_val)):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _image(c, i + (100 if split == 'val' else 0)).save(d / f'{i}.png')
+    return root
+
+
+def config(tmp_path, **kw):
+    overrides = dict(model='dynamixer_nano', epochs=1, batch_size=4, workers=0, threads=1, progress=False,
+                     auto_augment='none', warmup_epochs=0, lr=1e-3, output=str(tmp_path / 'run'),
+                     save_safetensors=True)
+    overrides.update(kw)
+    return resolve_config('scratch', overrides=overrides)
+
+
+def weights(path):
+    return read_checkpoint(path)['state_dict']
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='module')
+def trained(folder, tmp_path_factory):
+    """One epoch on the tiny folder; shared by the validate / predict / checkpoint tests."""
+    tmp = tmp_path_factory.mktemp('trained')
+    result = train(config(tmp, epochs=1), data=str(folder))
+    return result
+
+
+
+def _run_cli(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue()
+
+
+def _make_checkpoint(path, model_kwargs=None, seed=0, **extra):
+    """A training checkpoint in this project's format, for a nano model with random weights."""
+    torch.manual_seed(seed)
+    model_kwargs = dict(num_classes=NUM_CLASSES, **(model_kwargs or {}))
+    model = timm.create_model('dynamixer_nano', **model_kwargs)
+    # non-trivial LayerNorm / bias values, so a dropped or permuted parameter changes the outputs
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = dict(
+        state_dict=model.state_dict(), epoch=29, step=3000,
+        config=dict(model='dynamixer_nano', model_kwargs=model_kwargs, dataset='digits', epochs=30,
+                    opt='adamw', lr=2e-3, weight_decay=0.05, batch_size=64),
+        class_names=CLASS_NAMES, version=dynamixer.__version__,
+        metrics=dict(top1=93.25, top5=99.5, history=[dict(epoch=e, val_top1=90.0 + e) for e in range(3)]))
+    ckpt.update(extra)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp('deploy')
+
+
+@pytest.fixture(scope='module')
+def checkpoint(workdir):
+    return _make_checkpoint(workdir / 'nano.pth', dict(drop_path_rate=0.1))
+
+
+@pytest.fixture(scope='module')
+def model(checkpoint):
+    m, _ = load_model(checkpoint)
+    return m.eval()
+
+
+@pytest.fixture(scope='module')
+def onnx_export(workdir, checkpoint):
+    pytest.importorskip('onnx')
+    pytest.importorskip('onnxruntime')
+    path = workdir / 'export' / 'nano.onnx'
+    rc, out = _run_cli('export', checkpoint, '--format', 'onnx', '--output', path)
+    return path, rc, out
+
+
+@pytest.fixture(scope='module')
+def ts_export(workdir, checkpoint):
+    path = workdir / 'export' / 'nano.pt'
+    rc, out = _run_cli('export', checkpoint, '--format', 'torchscript', '--output', path)
+    return path, rc, out
+
+
+@pytest.fixture(scope='module')
+def real_batch(model):
+    cfg = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**cfg)
+    return torch.stack([transform(im) for im in sample_images(num_digits=6)])
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+@pytest.fixture(scope='module')
+def image_files(workdir):
+    folder = workdir / 'images'
+    folder.mkdir()
+    paths = []
+    for i, im in enumerate(sample_images(num_digits=3)):
+        p = folder / f'img{i}.png'
+        im.save(p)
+        paths.append(p)
+    return paths
+
+
+def _add_bad_files(d):
+    (d / 'zero.png').write_bytes(b'')
+    (d / 'text.jpg').write_text('this is not an image')
+    (d / 'noise.png').write_bytes(os.urandom(300))
+    buf = d / 'whole.png'
+    _image(0, 99).save(buf)
+    (d / 'truncated.png').write_bytes(buf.read_bytes()[:200])
+    buf.unlink()
+    (d / 'notes.txt').write_text('ignored: not an image extension')
+

@@ -1,4 +1,7 @@
-"""`dynamixer ablate`, the left-digit task and `dynamixer show-mixing` (tiny configurations)."""
+"""`dynamixer ablate`: the grid, reuse of finished runs, tables and plot (tiny configurations).
+
+Each run is an ordinary `dynamixer train` run; the left-digit data set is tested in test_data.py,
+`dynamixer show-mixing` in test_show_mixing.py."""
 import csv
 import json
 import os
@@ -10,58 +13,7 @@ import torch
 
 from dynamixer import cli
 from dynamixer.ablate import VARIANTS, model_kwargs_for, summarize
-from dynamixer.digits import _load_digits, left_digit_split, make_left_digit_task
-from dynamixer.show_mixing import capture_mixing
 
-
-# ---------------------------------------------------------------------------- the data set
-
-def test_digits_task_is_deterministic_and_seeded():
-    a_train, a_val = make_left_digit_task(50, 20, seed=3)
-    b_train, b_val = make_left_digit_task(50, 20, seed=3)
-    c_train, _ = make_left_digit_task(50, 20, seed=4)
-    for a, b in ((a_train, b_train), (a_val, b_val)):
-        assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
-    assert not torch.equal(a_train.tensors[0], c_train.tensors[0])
-    x, y = a_train.tensors
-    assert x.shape == (50, 1, 24, 24) and x.dtype == torch.float32 and y.shape == (50,)
-    assert 0 <= float(x.min()) and float(x.max()) <= 1 and set(y.tolist()) <= set(range(10))
-
-
-def test_digits_split_is_disjoint():
-    tr, va = left_digit_split(1797, seed=0)
-    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == 1797
-    tr2, _ = left_digit_split(1797, seed=0)
-    assert np.array_equal(tr, tr2)
-
-
-def test_digits_label_is_the_left_digit():
-    """Rebuild the canvases from the recorded placements and check the label independently:
-    the class of the digit whose left edge is smaller, and the two classes differ."""
-    from dynamixer.digits import _compose
-    images, labels = _load_digits()
-    rng = np.random.default_rng(0)
-    canvas, target, where = _compose(images, labels, 200, 32, 1, 2, rng, align=4)
-    for k in range(200):
-        (a, ya, xa), (b, yb, xb) = where[k]
-        assert xa + 8 + 2 <= xb                      # left digit clearly left of the right one
-        assert xa % 4 == ya % 4 == xb % 4 == yb % 4 == 0
-        assert labels[a] != labels[b]
-        assert target[k] == labels[a]
-        rebuilt = np.zeros((32, 32), np.float32)
-        rebuilt[ya:ya + 8, xa:xa + 8] = images[a]
-        rebuilt[yb:yb + 8, xb:xb + 8] = np.maximum(rebuilt[yb:yb + 8, xb:xb + 8], images[b])
-        assert np.array_equal(rebuilt, canvas[k])
-    # both orders and all classes occur: a model cannot win by a constant answer
-    assert len(set(target.tolist())) == 10
-
-
-def test_digits_canvas_too_small_is_explained():
-    with pytest.raises(ValueError, match='too small'):
-        make_left_digit_task(4, 4, canvas=16)
-
-
-# ---------------------------------------------------------------------------- the grid
 
 def test_every_variant_builds_and_differs_only_in_its_option():
     base = timm.create_model('dynamixer_nano', **model_kwargs_for({}, 10, 1, 24, 0.0, 'dynamixer_nano'))
@@ -134,8 +86,11 @@ def test_ablate_writes_tables_and_plot(tiny_ablation):
     assert md.count('\n| ') == 2 + 3 - 1 and '| static |' in md     # header, rule, 3 rows
     png = (out / 'ablation.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
-    ckpt = torch.load(out / 'checkpoints' / 'static__seed1.pth', weights_only=True)
+    # every run is an ordinary `dynamixer train` run folder with its (atomic) training checkpoint
+    ckpt = torch.load(out / 'runs' / 'static__seed1' / 'last.pth', weights_only=True)
     assert ckpt['config']['model_kwargs']['mixing'] == 'static' and ckpt['class_names'][3] == '3'
+    assert ckpt['config']['dataset'] == 'left-digit' and ckpt['config']['smoothing'] == 0.1
+    assert ckpt['epoch'] == 1 and 'optimizer' in ckpt and 'rng' in ckpt
 
 
 def test_ablate_resumes_finished_runs(tiny_ablation, capsys):
@@ -151,50 +106,30 @@ def test_ablate_rejects_unknown_variant(tmp_path):
         cli.main(['ablate', '--out', str(tmp_path), '--variants', 'nope'])
 
 
-def test_ablate_explains_a_bad_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match='train/ and val/'):
-        cli.main(['ablate', '--out', str(tmp_path / 'o'), '--data', str(tmp_path), '--variants', 'dynamic'])
+def test_ablate_explains_a_bad_folder(tmp_path, capsys):
+    (tmp_path / 'x.txt').write_text('not a data folder')
+    assert cli.main(['ablate', '--out', str(tmp_path / 'o'), '--data', str(tmp_path), '--variants', 'dynamic']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and 'train' in err and 'val' in err and '<class>' in err
 
 
-# ---------------------------------------------------------------------------- show-mixing
-
-def test_capture_mixing_matches_the_operation():
-    """The captured matrices are the ones the op applies: mixing the captured inputs with them
-    reproduces the op's output (before its projection)."""
-    m = timm.create_model('dynamixer_nano', num_classes=10, in_chans=1).eval()
-    x = torch.randn(2, 1, 32, 32)
-    block = m.stages[0].blocks[0].token_mixer
-    got = {}
-    hook = block.mix_w.register_forward_hook(lambda mod, a, o: got.update(inp=a[0], out=o))
-    ph, pw = capture_mixing(m, x)
-    hook.remove()
-    assert ph.shape == (2, 8, 4, 8, 8) and pw.shape == (2, 8, 4, 8, 8)
-    assert torch.allclose(ph.sum(-2), torch.ones(()), atol=1e-5)
-    xs = got['inp'].unflatten(-1, (4, 16))                               # (B, H, W, S, C/S)
-    mixed = torch.einsum('bhsij,bhisc->bhjsc', pw, xs).flatten(-2)
-    assert torch.allclose(block.mix_w.proj(mixed), got['out'], atol=1e-5)
-    # different images give different matrices (dynamic mixing)
-    assert not torch.allclose(pw[0], pw[1])
-
-
-def test_show_mixing_writes_a_png(tiny_ablation, tmp_path):
-    from PIL import Image
-    out, _ = tiny_ablation
-    train, _ = make_left_digit_task(2, 1, seed=0)
-    paths = []
-    for k in range(2):
-        p = tmp_path / f'img{k}.png'
-        Image.fromarray((train.tensors[0][k, 0].numpy() * 255).astype(np.uint8)).save(p)
-        paths.append(str(p))
-    fig = tmp_path / 'mix.png'
-    for variant in ('dynamic', 'static'):
-        assert cli.main(['show-mixing', str(out / 'checkpoints' / f'{variant}__seed0.pth'), *paths,
-                         '--digits', '1', '--out', str(fig)]) == 0
-        img = Image.open(fig)
-        assert img.format == 'PNG' and img.size[0] > 1000 and img.size[1] > 500   # 3 figure rows
-    with pytest.raises(SystemExit, match='not in the model'):
-        cli.main(['show-mixing', str(out / 'checkpoints' / 'dynamic__seed0.pth'), *paths,
-                  '--layer', 'stages.9', '--out', str(fig)])
+def test_ablate_flags_match_train(tmp_path):
+    """--smoothing and --amp as `dynamixer train` spells them; the old spellings still parse."""
+    from dynamixer.ablate import DEFAULTS, train_config
+    parser = cli.build_parser()
+    args = parser.parse_args(['ablate', '--label-smoothing', '0.2', '--amp'])
+    assert args.smoothing == 0.2 and args.amp == 'auto'
+    args = parser.parse_args(['ablate', '--smoothing', '0.3', '--amp', 'bf16'])
+    assert args.smoothing == 0.3 and args.amp == 'bf16'
+    args = parser.parse_args(['ablate'])
+    assert args.amp == 'none' and args.smoothing == DEFAULTS['smoothing'] == 0.1
+    cfg = vars(args)
+    c = train_config(cfg, {}, 3, None, str(tmp_path))
+    # the ablation recipe, unchanged: AdamW, cosine, warm-up from lr / 1000, label smoothing 0.1
+    assert (c['opt'], c['sched'], c['lr'], c['warmup_lr'], c['min_lr'], c['weight_decay']) == \
+        ('adamw', 'cosine', 1e-3, 1e-6, 1e-5, 0.05)
+    assert (c['smoothing'], c['epochs'], c['batch_size'], c['warmup_epochs'], c['seed']) == (0.1, 7, 64, 1, 3)
+    assert c['dataset'] == 'left-digit' and c['mixup'] == 0 and c['ema_decay'] is None and c['auto_augment'] is None
 
 
 def test_ablate_on_an_image_folder(tmp_path):
@@ -214,7 +149,7 @@ def test_ablate_on_an_image_folder(tmp_path):
     with open(out / 'results.csv') as f:
         (row,) = list(csv.DictReader(f))
     assert row['variant'] == 'dynamic' and 0 <= float(row['top1_mean']) <= 100
-    ckpt = torch.load(out / 'checkpoints' / 'dynamic__seed0.pth', weights_only=True)
+    ckpt = torch.load(out / 'runs' / 'dynamic__seed0' / 'last.pth', weights_only=True)
     assert ckpt['class_names'] == ['cat', 'dog'] and ckpt['config']['model_kwargs']['in_chans'] == 3
     assert ckpt['config']['model_kwargs']['img_size'] == 32
 
@@ -238,3 +173,4 @@ def test_torchrun_shares_the_runs_and_matches_one_process(tmp_path):
     read = lambda p: [tuple(r[k] for k in keys) for r in csv.DictReader(open(p))]   # noqa: E731
     assert read(tmp_path / 'ddp' / 'runs.csv') == read(tmp_path / 'one' / 'runs.csv')
     assert len(read(tmp_path / 'one' / 'runs.csv')) == 4
+

@@ -1,81 +1,39 @@
-"""Training, resuming, validating and predicting with the `dynamixer` command line.
+"""`dynamixer train` and dynamixer.train.train: recipes, run folder, resume, divergence, precision, processes.
 
-Tiny image folders made in tmp_path, dynamixer_nano at 32x32, 1-2 epochs, one CPU thread.
-"""
+Tiny image folders made in tmp_path, dynamixer_nano at 32x32, 1-2 epochs, one CPU thread."""
+import contextlib
+import copy
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-import dynamixer  # noqa: F401  (registers the models)
-from dynamixer.checkpoint import CheckpointError, read_checkpoint
+import dynamixer
+from dynamixer import cli
+from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.data import DataError, build_datasets, to_rgb
 from dynamixer.recipes import ConfigError, RECIPES, resolve_config
 from dynamixer.train import TrainingError, train
-
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
-
-
-def _image(cls: int, i: int, size: int = 36) -> Image.Image:
-    """A class-dependent pattern: class 0 vertical stripes, 1 horizontal, 2 a square; some noise."""
-    rng = np.random.default_rng(cls * 1000 + i)
-    a = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-    if cls == 0:
-        a[:, ::6] = 255
-    elif cls == 1:
-        a[::6, :] = 255
-    else:
-        a[8:28, 8:28] = 200
-    return Image.fromarray(a, 'RGB')
-
-
-def make_folder(root, classes=('a', 'b'), n_train=8, n_val=4):
-    for split, n in (('train', n_train), ('val', n_val)):
-        for c, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                _image(c, i + (100 if split == 'val' else 0)).save(d / f'{i}.png')
-    return root
-
-
-def config(tmp_path, **kw):
-    overrides = dict(model='dynamixer_nano', epochs=1, batch_size=4, workers=0, threads=1, progress=False,
-                     auto_augment='none', warmup_epochs=0, lr=1e-3, output=str(tmp_path / 'run'),
-                     save_safetensors=True)
-    overrides.update(kw)
-    return resolve_config('scratch', overrides=overrides)
-
-
-def weights(path):
-    return read_checkpoint(path)['state_dict']
-
+from helpers import (SRC, NUM_CLASSES, CLASS_NAMES, ATOL, _image, make_folder, config, weights, folder, trained,
+                     _run_cli, _make_checkpoint, workdir, checkpoint, model, onnx_export, ts_export, real_batch,
+                     _logits, image_files, onnx, ort, _add_bad_files)  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-@pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp('data'))
-
-
-@pytest.fixture(scope='module')
-def trained(folder, tmp_path_factory):
-    """One epoch on the tiny folder; shared by the validate / predict / checkpoint tests."""
-    tmp = tmp_path_factory.mktemp('trained')
-    result = train(config(tmp, epochs=1), data=str(folder))
-    return result
-
-
-# ---- recipes and settings -----------------------------------------------------------------------
 
 def test_imagenet_recipes_follow_the_paper():
     for size, batch, dp in (('s', 2048, 0.1), ('m', 1024, 0.1), ('l', 512, 0.3)):
@@ -118,8 +76,6 @@ def test_cli_print_config_and_overrides(capsys):
     assert 'lr: 0.001\n' in out and 'mixup: 0.0\n' in out and 'model: dynamixer_m\n' in out
 
 
-# ---- a run and what it leaves behind ------------------------------------------------------------
-
 def test_run_folder_contents(trained):
     out = trained['output']
     for f in ('last.pth', 'model.safetensors', 'metrics.csv', 'metrics.json', 'curves.png', 'config.yaml'):
@@ -154,8 +110,6 @@ def test_tensorboard(folder, tmp_path):
     train(config(tmp_path, tensorboard=True), data=str(folder))
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
 
-
-# ---- resuming -----------------------------------------------------------------------------------
 
 AUGMENTED = dict(auto_augment='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1,
                  drop_path=0.1, hflip=0.5, ema_decay=0.9, epochs=2)
@@ -208,8 +162,6 @@ def test_checkpoint_write_is_atomic(trained, monkeypatch, tmp_path):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ['last.pth']
 
 
-# ---- divergence ---------------------------------------------------------------------------------
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, capsys):
     c = config(tmp_path)
     train(c, data=str(folder))
@@ -231,88 +183,6 @@ def test_injected_inf_loss_in_first_epoch(folder, tmp_path):
     assert not os.path.exists(tmp_path / 'run' / 'last.pth')
 
 
-# ---- bad data -----------------------------------------------------------------------------------
-
-def test_data_folder_missing_empty_or_flat(tmp_path):
-    c = config(tmp_path)
-    with pytest.raises(DataError, match='data folder not found'):
-        build_datasets(c, str(tmp_path / 'nope'))
-    (tmp_path / 'empty').mkdir()
-    with pytest.raises(DataError, match='is empty'):
-        build_datasets(c, str(tmp_path / 'empty'))
-    flat = tmp_path / 'flat' / 'train'
-    flat.mkdir(parents=True)
-    for i in range(3):
-        _image(0, i).save(flat / f'{i}.png')
-    with pytest.raises(DataError, match='3 images but no class sub-folders'):
-        build_datasets(c, str(tmp_path / 'flat'))
-    nosplit = tmp_path / 'nosplit' / 'cats'
-    nosplit.mkdir(parents=True)
-    _image(0, 0).save(nosplit / '0.png')
-    with pytest.raises(DataError, match='no "train" sub-folder'):
-        build_datasets(c, str(tmp_path / 'nosplit'))
-    folder = make_folder(tmp_path / 'extra')
-    (folder / 'val' / 'zebra').mkdir()
-    _image(0, 0).save(folder / 'val' / 'zebra' / '0.png')
-    with pytest.raises(DataError, match='classes that .* lacks: zebra'):
-        build_datasets(c, str(folder))
-    # through the command line: a clear message, exit code 2, no traceback
-    assert cli_main(['train', str(tmp_path / 'nope')]) == 2
-
-
-def _add_bad_files(d):
-    (d / 'zero.png').write_bytes(b'')
-    (d / 'text.jpg').write_text('this is not an image')
-    (d / 'noise.png').write_bytes(os.urandom(300))
-    buf = d / 'whole.png'
-    _image(0, 99).save(buf)
-    (d / 'truncated.png').write_bytes(buf.read_bytes()[:200])
-    buf.unlink()
-    (d / 'notes.txt').write_text('ignored: not an image extension')
-
-
-def test_bad_images_skipped_and_counted_or_error(tmp_path, capsys):
-    folder = make_folder(tmp_path / 'data')
-    _add_bad_files(folder / 'train' / 'a')
-    c = config(tmp_path)
-    train_set, _, _, report = build_datasets(c, str(folder))
-    assert len(train_set) == 16 and len(report['bad_images']) == 4
-    assert {os.path.basename(p) for p, _ in report['bad_images']} == \
-        {'zero.png', 'text.jpg', 'noise.png', 'truncated.png'}
-    # a whole run skips them and lists them in the run folder
-    train(c, data=str(folder))
-    assert len(open(tmp_path / 'run' / 'bad_images.txt').read().splitlines()) == 4
-    with pytest.raises(DataError, match='(?s)4 of 20 images cannot be read.*--bad-images skip'):
-        build_datasets(config(tmp_path, bad_images='error'), str(folder))
-    assert cli_main(['train', str(folder), '--bad-images', 'error', '--output', str(tmp_path / 'r2')]) == 2
-    assert 'truncated.png' in capsys.readouterr().err
-
-
-def test_image_modes_become_rgb(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3)).astype(np.uint8)
-    gray = rgb[..., 0]
-    cases = {
-        'L': Image.fromarray(gray, 'L'),
-        'RGBA': Image.fromarray(np.dstack([rgb, np.full(gray.shape, 128, np.uint8)]), 'RGBA'),
-        'P': Image.fromarray(rgb, 'RGB').quantize(16),
-        'LA': Image.fromarray(np.dstack([gray, gray]), 'LA'),
-        'CMYK': Image.fromarray(rgb, 'RGB').convert('CMYK'),
-    }
-    for mode, img in cases.items():
-        out = to_rgb(img)
-        assert out.mode == 'RGB' and out.size == (10, 12), mode
-    assert np.array_equal(np.asarray(to_rgb(cases['L']))[..., 1], gray)
-    assert np.array_equal(np.asarray(to_rgb(cases['RGBA'])), rgb)
-    # 16-bit grayscale through a PNG file: scaled to 8 bits, not clipped to white
-    v16 = (gray.astype(np.uint16) * 257)
-    path = tmp_path / 'g16.png'
-    Image.fromarray(v16).save(path)
-    with Image.open(path) as im:
-        assert im.mode.startswith('I')
-        out = np.asarray(to_rgb(im))
-    assert np.array_equal(out[..., 0], gray) and np.array_equal(out[..., 2], gray)
-
-
 def test_training_on_mixed_image_modes(tmp_path):
     folder = make_folder(tmp_path / 'data')
     d = folder / 'train' / 'b'
@@ -331,175 +201,6 @@ def test_training_on_mixed_image_modes(tmp_path):
         x, _ = train_set[i]
         assert tf(x).shape == (3, 32, 32)
 
-
-# ---- validate -----------------------------------------------------------------------------------
-
-def _manual_eval(model, folder, class_names, logits_fn=None):
-    """Independent top-1 / loss: the model's eval transform built by hand from its pretrained config."""
-    import torchvision.transforms as T
-    cfg = model.pretrained_cfg
-    size = cfg['input_size'][-1]
-    tf = T.Compose([T.Resize(int(size / cfg['crop_pct']), interpolation=T.InterpolationMode.BICUBIC),
-                    T.CenterCrop(size), T.ToTensor(), T.Normalize(cfg['mean'], cfg['std'])])
-    xs, ys = [], []
-    for c, name in enumerate(class_names):
-        for f in sorted(os.listdir(folder / 'val' / name)):
-            with Image.open(folder / 'val' / name / f) as im:
-                xs.append(tf(im.convert('RGB')))
-            ys.append(c)
-    with torch.no_grad():
-        logits = (logits_fn or model)(torch.stack(xs))
-    y = torch.tensor(ys)
-    return (logits.argmax(1) == y).float().mean().item() * 100, torch.nn.functional.cross_entropy(logits, y).item()
-
-
-def test_validate_authors_checkpoint_against_the_reference(folder, tmp_path):
-    """An authors'-layout checkpoint ('module.' keys, pickled Namespace), labelled in folder order,
-    scored against the slow float64 transcription of the spec (tests/reference.py)."""
-    import argparse
-    import timm
-    from reference import NANO, make_authors_state_dict, reference_logits
-    from dynamixer.validate import validate
-    w64 = make_authors_state_dict(**NANO, num_classes=2, scale=0.1)
-    path = tmp_path / 'authors.pth.tar'
-    torch.save({'state_dict': {'module.' + k: v.float() for k, v in w64.items()},
-                'args': argparse.Namespace(model='dynamixer_nano')}, path)
-    r = validate(str(path), str(folder), workers=0)
-    top1, loss = _manual_eval(timm.create_model('dynamixer_nano', num_classes=2), folder, ['a', 'b'],
-                              logits_fn=lambda x: reference_logits(w64, x.double()))
-    assert r['images'] == 8 and r['top1'] == pytest.approx(top1) and r['loss'] == pytest.approx(loss, rel=1e-4)
-
-
-def test_validate_matches_an_independent_evaluation(trained, folder, capsys):
-    from dynamixer.checkpoint import load_model
-    from dynamixer.validate import validate
-    ckpt = os.path.join(trained['output'], 'last.pth')
-    r = validate(ckpt, str(folder), workers=0)
-    model, info = load_model(ckpt)
-    top1, loss = _manual_eval(model, folder, info['class_names'])
-    assert r['images'] == 8 and r['top1'] == pytest.approx(top1) and r['loss'] == pytest.approx(loss, rel=1e-5)
-    assert r['top5'] == 100.0  # two classes
-    # the same through the command line, on the val folder itself and on the safetensors export
-    assert cli_main(['validate', ckpt, str(folder / 'val'), '--workers', '0', '--json']) == 0
-    assert json.loads(capsys.readouterr().out)['top1'] == pytest.approx(top1)
-    st = os.path.join(trained['output'], 'model.safetensors')
-    assert validate(st, str(folder), workers=0)['loss'] == pytest.approx(loss, rel=1e-5)
-
-
-def test_validate_bare_state_dict_in_folder_order(trained, folder, tmp_path):
-    """A checkpoint without class names (like the authors') labels by sorted folder names."""
-    from dynamixer.validate import validate
-    sd = read_checkpoint(os.path.join(trained['output'], 'last.pth'))['state_dict']
-    torch.save({'state_dict': {'module.' + k: v for k, v in sd.items()}}, tmp_path / 'bare.pth')
-    r = validate(str(tmp_path / 'bare.pth'), str(folder), workers=0)
-    r0 = validate(os.path.join(trained['output'], 'last.pth'), str(folder), workers=0)
-    assert r['top1'] == r0['top1'] and r['loss'] == pytest.approx(r0['loss'])
-
-
-def test_eval_transform_uses_the_models_crop_pct_and_interpolation():
-    import timm
-    from dynamixer.data import eval_transform
-    for name, crop in (('dynamixer_s', 0.9), ('dynamixer_l', 0.875)):
-        with torch.device('meta'):
-            model = timm.create_model(name)
-        tf = eval_transform(model).transform
-        resize = tf.transforms[0]
-        assert resize.size == int(224 / crop) and resize.interpolation.value == 'bicubic'
-        assert tf.transforms[1].size == (224, 224)
-
-
-def test_bad_checkpoints_for_validate_predict_resume(trained, folder, tmp_path, capsys):
-    from dynamixer.validate import validate
-    good = os.path.join(trained['output'], 'last.pth')
-    data = open(good, 'rb').read()
-    (tmp_path / 'trunc.pth').write_bytes(data[: len(data) // 2])
-    (tmp_path / 'zero.pth').write_bytes(b'')
-    img = str(folder / 'val' / 'a' / '0.png')
-    for bad in ('trunc.pth', 'zero.pth'):
-        p = str(tmp_path / bad)
-        with pytest.raises(CheckpointError):
-            validate(p, str(folder), workers=0)
-        assert cli_main(['predict', '-c', p, img]) == 2
-        assert cli_main(['validate', p, str(folder)]) == 2
-        assert cli_main(['train', '--resume', p]) == 2
-    err = capsys.readouterr().err
-    assert 'truncated' in err and 'empty' in err and 'Traceback' not in err
-    # another model
-    assert cli_main(['predict', '-c', good, '--model', 'dynamixer_s', img]) == 2
-    assert 'does not fit' in capsys.readouterr().err
-    assert cli_main(['train', str(folder), '--resume', good, '--model', 'dynamixer_s']) == 2
-    assert 'resume with --model dynamixer_nano' in capsys.readouterr().err
-    # another class count: the data has three classes, the checkpoint two
-    three = make_folder(tmp_path / 'three', classes=('a', 'b', 'c'), n_train=4, n_val=2)
-    assert cli_main(['train', str(three), '--resume', good]) == 2
-    assert 'trained on 2 classes' in capsys.readouterr().err
-    with pytest.raises(DataError, match='classes the checkpoint does not know: c'):
-        validate(good, str(three), workers=0)
-    # pickled code is refused, not run
-    marker = tmp_path / 'pwned'
-    torch.save({'state_dict': {}, 'evil': _Evil(str(marker))}, tmp_path / 'pickle.pth')
-    with pytest.raises(CheckpointError, match='refused'):
-        validate(str(tmp_path / 'pickle.pth'), str(folder), workers=0)
-    assert cli_main(['predict', '-c', str(tmp_path / 'pickle.pth'), img]) == 2
-    assert not marker.exists()
-
-
-class _Evil:
-    """Unpickling this would create a file: what a malicious checkpoint could do."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, 'w'))
-
-
-# ---- predict ------------------------------------------------------------------------------------
-
-def test_predict_top_k_with_class_names(trained, folder, capsys, tmp_path):
-    from dynamixer.predict import format_predictions, preprocess, topk, load_inference_model
-    from dynamixer.data import eval_transform
-    ckpt = os.path.join(trained['output'], 'last.pth')
-    imgs = [str(folder / 'val' / 'a' / '0.png'), str(folder / 'val' / 'b' / '1.png')]
-    gray = tmp_path / 'gray.png'
-    _image(0, 3).convert('L').save(gray)
-    assert cli_main(['predict', '-c', ckpt, *imgs, str(gray), '--json', '-k', '2']) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert [o['image'] for o in out] == imgs + [str(gray)]
-    for o in out:
-        assert {t['class'] for t in o['top']} == {'a', 'b'}
-        assert sum(t['probability'] for t in o['top']) == pytest.approx(1.0, abs=1e-5)
-    # the pieces agree with a plain forward pass
-    model, info = load_inference_model(ckpt)
-    batch, ok, failed = preprocess(imgs, eval_transform(model))
-    assert batch.shape == (2, 3, 32, 32) and ok == imgs and not failed
-    probs = model(batch).softmax(-1)
-    ranked = topk(probs, info['class_names'], 1)
-    assert ranked[0][0][1] == info['class_names'][int(probs[0].argmax())]
-    text = format_predictions(imgs, ranked)
-    assert text.splitlines()[0] == imgs[0] and text.splitlines()[1].strip().startswith('1. ')
-    # a broken image among good ones: the others are still classified, the bad one reported
-    (tmp_path / 'bad.jpg').write_text('nope')
-    assert cli_main(['predict', '-c', ckpt, imgs[0], str(tmp_path / 'bad.jpg'), str(tmp_path / 'missing.png')]) == 1
-    cap = capsys.readouterr()
-    assert imgs[0] in cap.out and 'bad.jpg: not a readable image' in cap.err and 'image not found' in cap.err
-
-
-def test_predict_imagenet_names_for_1000_classes(tmp_path, capsys):
-    import timm
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    model = timm.create_model('dynamixer_nano')  # 1000 classes, no class names saved
-    save_file(model.state_dict(), str(tmp_path / 'w.safetensors'))
-    _image(0, 0).save(tmp_path / 'x.png')
-    assert cli_main(['predict', '-c', str(tmp_path / 'w.safetensors'), str(tmp_path / 'x.png'), '--json']) == 0
-    top = json.loads(capsys.readouterr().out)[0]['top']
-    from timm.data import ImageNetInfo
-    names = [d.split(',')[0] for d in ImageNetInfo().label_descriptions()]
-    assert all(t['class'] == names[t['index']] for t in top) and 'tench' in names[0]
-
-
-# ---- optimisation options -----------------------------------------------------------------------
 
 NO_RANDOM_AUG = dict(auto_augment='none', hflip=0.0, scale=[1.0, 1.0], ratio=[1.0, 1.0], color_jitter=0.0,
                      reprob=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0)
@@ -558,8 +259,6 @@ def test_transfer_recipe_new_head_and_body_lr(trained, tmp_path):
         _load_pretrained(timm.create_model('dynamixer_nano', num_classes=3), ckpt, new_head=False)
 
 
-# ---- several processes --------------------------------------------------------------------------
-
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -597,8 +296,6 @@ def test_two_processes_match_one(folder, tmp_path):
     assert change == 0.0
     assert diff < 1e-6  # SGD: float rounding only (AdamW amplifies it where gradients are ~0)
 
-
-# ---- the embedded default and torch.compile (slow) ------------------------------------------------
 
 @pytest.mark.slow
 def test_embedded_digits_default_reaches_95_percent(tmp_path):
@@ -648,3 +345,4 @@ def test_imagenet_recipe_runs_end_to_end_small(folder, tmp_path):
     h = r['history']
     assert len(h) == 2 and 'ema_top1' in h[-1] and h[-1]['lr'] == pytest.approx(1e-5)  # cool-down at min_lr
     assert 'state_dict_ema' in read_checkpoint(os.path.join(r['output'], 'last.pth'))
+

@@ -1,11 +1,13 @@
 """`dynamixer ablate`: does dynamic mixing help? Train a grid of variants, same recipe and data.
 
 Every variant is the same timm model with different constructor options (``model_kwargs``); no
-model code is copied. Each (variant, seed) run trains from scratch with the same data, the same
+model code is copied. Every run is an ordinary `dynamixer.train.train` run (its loop, checkpoint
+format and flags) with the variant's options as ``model_options``; this module holds the grid,
+the reuse of finished runs, the sharing of runs over ranks, the tables and the plot. Each (variant, seed) run trains from scratch with the same data, the same
 recipe and, for a given seed, the same initialisation seed and batch order. The command writes
 
     OUT/runs/<variant>__seed<k>.json   one finished run (top-1, losses, times, its config)
-    OUT/checkpoints/<variant>__seed<k>.pth   its final weights (this project's checkpoint format)
+    OUT/runs/<variant>__seed<k>/       its `dynamixer train` run folder (last.pth, metrics, curves)
     OUT/runs.csv                       one row per run
     OUT/results.csv, OUT/results.md    one row per variant: top-1 mean / std / min / max over
                                        seeds, paired difference to the baseline, parameters,
@@ -21,26 +23,27 @@ is an ordinary single-device training, so results do not depend on the number of
 """
 import argparse
 import csv
-import datetime
 import hashlib
 import json
-import math
+import logging
 import os
 import statistics
+import sys
+import tempfile
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm
-from timm.loss import LabelSmoothingCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 
-from . import __version__
+from .data import build_datasets
+from .engine import Process, count_macs, setup_process
+from .errors import DynaMixerError
+from .model import MODEL_ARGS
+from .recipes import resolve_config
+from .train import train
 
 # The grid. The baseline is dynamixer_nano as registered: S = (4, 8, 8, 8) per stage, d = 2,
 # re-weighted block. Each other variant changes one option.
@@ -66,15 +69,16 @@ VARIANT_NOTES = {
 # the default recipe, sized for a 2-core CPU (see docs/ablations.md)
 DEFAULTS = dict(
     model='dynamixer_nano', epochs=7, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=1,
-    min_lr=1e-5, label_smoothing=0.1, drop_path=0.0, num_train=4000, num_val=2000, canvas=24, align=4,
+    min_lr=1e-5, smoothing=0.1, drop_path=0.0, num_train=4000, num_val=2000, canvas=24, align=4,
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument('--data', default='digits',
-                        help="'digits' (built-in left-digit task from scikit-learn's digits, "
-                             "offline) or a folder with train/ and val/ image-class folders")
+                        help="'digits' or 'left-digit' (the built-in left-digit task from scikit-learn's "
+                             "digits, offline; `dynamixer train --dataset left-digit`) or a folder with "
+                             "train/ and val/ image-class folders")
     parser.add_argument('--out', default='ablation', help='output folder (default: ./ablation)')
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), metavar='NAME',
                         help=f'variants to train (default: all of {", ".join(VARIANTS)})')
@@ -91,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--weight-decay', type=float, default=d['weight_decay'])
     parser.add_argument('--warmup-epochs', type=int, default=d['warmup_epochs'])
     parser.add_argument('--min-lr', type=float, default=d['min_lr'])
-    parser.add_argument('--label-smoothing', type=float, default=d['label_smoothing'])
+    parser.add_argument('--smoothing', '--label-smoothing', dest='smoothing', type=float, default=d['smoothing'],
+                        help='label smoothing, as in `dynamixer train` (--label-smoothing: old spelling)')
     parser.add_argument('--drop-path', type=float, default=d['drop_path'])
     parser.add_argument('--num-train', type=int, default=d['num_train'], help='digits: training canvases')
     parser.add_argument('--num-val', type=int, default=d['num_val'], help='digits: val canvases')
@@ -104,7 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'left and right are the label)')
     parser.add_argument('--workers', type=int, default=2, help='folders: data loader workers')
     parser.add_argument('--device', default='auto', help="'auto' (cuda:LOCAL_RANK if present), 'cpu', 'cuda:0'...")
-    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast on GPU')
+    parser.add_argument('--amp', nargs='?', const='auto', default='none', choices=['auto', 'bf16', 'fp16', 'none'],
+                        help="mixed precision, as in `dynamixer train` (default: none); a bare --amp (the "
+                             "old switch) means 'auto': bf16 or fp16 on GPUs, off on CPUs")
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads per process (1 is fastest on a busy machine)')
     parser.add_argument('--no-checkpoints', action='store_true', help='do not save final weights')
@@ -117,74 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# data
+# one run: an ordinary `dynamixer train` run with the variant's model options
 # --------------------------------------------------------------------------------------------
 
-class Normalize(Dataset):
-    """Wrap an (image, label) dataset of float tensors and apply (x - mean) / std."""
+def is_left_digit(data: str) -> bool:
+    return data in ('digits', 'left-digit')
 
-    def __init__(self, ds: Dataset, mean: float, std: float):
-        self.ds, self.mean, self.std = ds, mean, std
-
-    def __len__(self) -> int:
-        return len(self.ds)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        x, y = self.ds[i]
-        return (x - self.mean) / self.std, y
-
-
-class Data(NamedTuple):
-    train: Dataset
-    val: Dataset
-    class_names: List[str]
-    in_chans: int
-    img_size: int
-    mean: Tuple[float, ...]  # the normalisation the model was trained with (saved in checkpoints)
-    std: Tuple[float, ...]
-
-
-def build_data(cfg: Dict[str, Any]) -> Data:
-    """Train and val sets, class names, input shape and normalisation for cfg['data']."""
-    if cfg['data'] == 'digits':
-        from .digits import make_left_digit_task
-        train, val = make_left_digit_task(
-            cfg['num_train'], cfg['num_val'], canvas=cfg['canvas'], align=cfg['align'],
-            seed=cfg['data_seed'])
-        img_size = cfg['img_size'] or cfg['canvas']
-        if img_size != cfg['canvas']:
-            raise ValueError(f'--img-size {img_size} differs from --canvas {cfg["canvas"]}; '
-                             'for the digits task set only --canvas')
-        x = train.tensors[0]
-        mean, std = float(x.mean()), float(x.std())
-        return Data(Normalize(train, mean, std), Normalize(val, mean, std),
-                    [str(k) for k in range(10)], 1, img_size, (mean,), (std,))
-
-    from timm.data import create_dataset, create_transform, resolve_data_config
-    root = cfg['data']
-    for split in ('train', 'val'):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise FileNotFoundError(
-                f"--data {root}: expected a folder with train/ and val/ sub-folders of class "
-                f"folders (missing {os.path.join(root, split)}); or use --data digits")
-    probe = timm.create_model(cfg['model'], pretrained=False)
-    data_cfg = resolve_data_config({}, model=probe)
-    img_size = cfg['img_size'] or data_cfg['input_size'][-1]
-    norm = dict(mean=data_cfg['mean'], std=data_cfg['std'])
-    train = create_dataset('', root=os.path.join(root, 'train'), is_training=True)
-    val = create_dataset('', root=os.path.join(root, 'val'), class_map=None)
-    train.transform = create_transform(img_size, is_training=True, hflip=cfg['hflip'], **norm)
-    val.transform = create_transform(img_size, is_training=False, crop_pct=1.0, **norm)
-    class_to_idx = train.reader.class_to_idx
-    if val.reader.class_to_idx != class_to_idx:
-        raise ValueError(f'{root}: train/ and val/ have different class folders')
-    names = [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
-    return Data(train, val, names, 3, img_size, tuple(norm['mean']), tuple(norm['std']))
-
-
-# --------------------------------------------------------------------------------------------
-# one run
-# --------------------------------------------------------------------------------------------
 
 def model_kwargs_for(options: Dict[str, Any], num_classes: int, in_chans: int, img_size: int,
                      drop_path: float, model: str) -> Dict[str, Any]:
@@ -192,108 +137,79 @@ def model_kwargs_for(options: Dict[str, Any], num_classes: int, in_chans: int, i
     every stage (the model takes one value per stage). Lists, not tuples: checkpoints stay plain."""
     kw = dict(options)
     if isinstance(kw.get('num_segments'), int):
-        from .model import MODEL_ARGS
         stages = len(MODEL_ARGS[model]['depths']) if model in MODEL_ARGS else 4
         kw['num_segments'] = [kw['num_segments']] * stages
     kw.update(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_path_rate=drop_path)
     return kw
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, amp: bool) -> Tuple[float, float]:
-    """(top-1 in %, mean cross-entropy) over the loader."""
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x).float()
-            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction='sum'))
-            correct += int((logits.argmax(-1) == y).sum())
-            n += len(y)
-    return 100.0 * correct / n, loss / n
+class DataShape(NamedTuple):
+    num_train: int
+    num_val: int
+    class_names: List[str]
+    in_chans: int
+    img_size: int
 
 
-def train_run(
-        name: str,
-        options: Dict[str, Any],
-        seed: int,
-        cfg: Dict[str, Any],
-        data: Data,
-        device: torch.device,
-        checkpoint_path: Optional[str] = None,
-        log=print,
-) -> Dict[str, Any]:
-    """Train one variant from scratch with one seed; return its metrics."""
-    train_set, val_set, class_names, in_chans, img_size = data[:5]
-    kw = model_kwargs_for(options, len(class_names), in_chans, img_size, cfg['drop_path'], cfg['model'])
-    torch.manual_seed(seed)  # same seed -> same init stream and batch order for every variant
-    model = timm.create_model(cfg['model'], **kw).to(device)
-    workers = 0 if cfg['data'] == 'digits' else cfg['workers']
-    loader = DataLoader(train_set, batch_size=cfg['batch_size'], shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed), num_workers=workers,
-                        pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
-    val_loader = DataLoader(val_set, batch_size=256, num_workers=workers)
-    if len(loader) == 0:
-        raise ValueError(f'the training set ({len(train_set)} images) is smaller than one batch '
-                         f'({cfg["batch_size"]}); lower --batch-size')
-    optimizer = create_optimizer_v2(model, 'adamw', lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    scheduler, _ = create_scheduler_v2(
-        optimizer, 'cosine', num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
-        warmup_lr=cfg['lr'] * 1e-3, min_lr=cfg['min_lr'], step_on_epochs=False,
-        updates_per_epoch=len(loader))
-    loss_fn = LabelSmoothingCrossEntropy(cfg['label_smoothing'])
-    amp = cfg['amp'] and device.type == 'cuda'
+def train_config(cfg: Dict[str, Any], options: Dict[str, Any], seed: int, shape: Optional[DataShape],
+                 output: Optional[str]) -> Dict[str, Any]:
+    """The `dynamixer train` settings of one (variant, seed) run: the ablation recipe (AdamW,
+    cosine with warm-up from lr/1000, label smoothing, no mixup / EMA / auto-augment)."""
+    overrides: Dict[str, Any] = dict(
+        model=cfg['model'], epochs=cfg['epochs'], batch_size=cfg['batch_size'], lr=cfg['lr'],
+        weight_decay=cfg['weight_decay'], warmup_epochs=cfg['warmup_epochs'], warmup_lr=cfg['lr'] * 1e-3,
+        min_lr=cfg['min_lr'], smoothing=cfg['smoothing'], drop_path=cfg['drop_path'], opt='adamw',
+        sched='cosine', auto_augment=None, seed=seed, output=output, amp=cfg['amp'], device=cfg['device'],
+        threads=cfg['threads'] or 0, progress=False, save_safetensors=False, bad_images='off',
+        val_batch_size=256)
+    if is_left_digit(cfg['data']):
+        overrides.update(dataset='left-digit', num_train=cfg['num_train'], num_val=cfg['num_val'],
+                         canvas=cfg['canvas'], align=cfg['align'], data_seed=cfg['data_seed'],
+                         img_size=cfg['img_size'], workers=0)
+    else:
+        overrides.update(dataset='', hflip=cfg['hflip'], workers=cfg['workers'],
+                         img_size=shape.img_size if shape else cfg['img_size'])
+    if shape is not None:
+        kw = model_kwargs_for(options, len(shape.class_names), shape.in_chans, shape.img_size, 0.0, cfg['model'])
+        overrides['model_options'] = {k: v for k, v in kw.items() if k not in ('num_classes', 'drop_path_rate')}
+    return resolve_config('scratch', overrides=overrides)
 
-    start, step, seen = time.perf_counter(), 0, 0
-    train_loss = float('nan')
-    for epoch in range(cfg['epochs']):
-        model.train()
-        total, count = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            scheduler.step_update(num_updates=step)
-            total += float(loss.detach()) * len(y)
-            count += len(y)
-        seen += count
-        train_loss = total / count
-        log(f'  {name} seed {seed}: epoch {epoch + 1}/{cfg["epochs"]} train loss {train_loss:.3f}')
-    train_seconds = time.perf_counter() - start
-    top1, val_loss = evaluate(model, val_loader, device, amp)
-    if not math.isfinite(train_loss):
-        log(f'  {name} seed {seed}: training diverged (loss {train_loss})')
-    result = dict(
-        variant=name, seed=seed, top1=top1, val_loss=val_loss, train_loss=train_loss,
-        train_seconds=train_seconds, train_images_per_s=seen / train_seconds,
-        params=sum(p.numel() for p in model.parameters()), model_kwargs=kw,
-    )
-    if checkpoint_path:
-        os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
-        torch.save(dict(
-            state_dict=model.state_dict(), epoch=cfg['epochs'], step=step,
-            config=dict(cfg, model_kwargs=kw, variant=name, seed=seed,
-                        mean=list(data.mean), std=list(data.std)),
-            class_names=class_names, metrics=dict(top1=top1, val_loss=val_loss, train_loss=train_loss),
-            version=__version__), checkpoint_path)
-    return result
+
+def describe_data(cfg: Dict[str, Any]) -> DataShape:
+    """Sizes, classes and input shape of the ablation's data (built once, as each run will)."""
+    config = train_config(cfg, {}, 0, None, None)
+    data = None if is_left_digit(cfg['data']) else cfg['data']
+    train_set, val_set, names, report = build_datasets(config, data)
+    if is_left_digit(cfg['data']):
+        in_chans, img_size = 1, cfg['canvas']
+    else:
+        in_chans = 3
+        img_size = cfg['img_size'] or timm.create_model(cfg['model']).pretrained_cfg['input_size'][-1]
+    return DataShape(len(train_set), len(val_set), names, in_chans, img_size)
+
+
+def train_run(name: str, options: Dict[str, Any], seed: int, cfg: Dict[str, Any], shape: DataShape,
+              device: torch.device, output: Optional[str] = None) -> Dict[str, Any]:
+    """Train one variant from scratch with one seed (`dynamix.train.train`, one process on
+    `device`, run folder `output`; a temporary one when None); return its metrics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = train_config(cfg, options, seed, shape, output or os.path.join(tmp, 'run'))
+        data = None if is_left_digit(cfg['data']) else cfg['data']
+        result = train(config, data=data, process=Process(0, 1, device))
+    history = result['history']
+    last = history[-1]
+    seconds = sum(h['epoch_s'] for h in history)
+    images = sum(h['images_per_s'] * h['epoch_s'] for h in history)
+    kw = dict(config['model_options'], num_classes=len(shape.class_names), drop_path_rate=cfg['drop_path'])
+    params = sum(p.numel() for p in timm.create_model(cfg['model'], **kw).parameters())
+    return dict(variant=name, seed=seed, top1=last['val_top1'], val_loss=last['val_loss'],
+                train_loss=last['train_loss'], train_seconds=seconds, train_images_per_s=images / seconds,
+                params=params, model_kwargs=kw)
 
 
 # --------------------------------------------------------------------------------------------
 # cost and speed
 # --------------------------------------------------------------------------------------------
-
-def count_macs(model: torch.nn.Module, input_size: Sequence[int]) -> int:
-    """Multiply-adds of one image (FlopCounterMode / 2)."""
-    model = model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_size))
-    return int(counter.get_total_flops() // 2)
-
 
 def measure_speed(models: Dict[str, torch.nn.Module], input_size: Sequence[int], batch: int,
                   rounds: int, device: torch.device) -> Dict[str, float]:
@@ -381,7 +297,7 @@ def write_tables(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]
             f"{_fmt(r['train_images_per_s'], '.0f')} |")
     notes = [f"- `{r['variant']}`: {VARIANT_NOTES.get(r['variant'], 'model options ' + r['options'])}" for r in rows]
     recipe = {k: cfg[k] for k in ('data', 'model', 'epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs',
-                                  'label_smoothing', 'drop_path', 'num_train', 'num_val', 'canvas', 'align', 'data_seed')}
+                                  'smoothing', 'drop_path', 'num_train', 'num_val', 'canvas', 'align', 'data_seed')}
     text = '\n'.join([
         '# Ablation results', '',
         f'Recipe: `{json.dumps(recipe)}`; seeds {cfg["seeds"]}.', '',
@@ -469,14 +385,6 @@ def _fingerprint(cfg: Dict[str, Any], name: str, options: Dict[str, Any], seed: 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _device(spec: str) -> torch.device:
-    if spec == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        return torch.device('cpu')
-    return torch.device(spec)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = {k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'command'}
     grid = dict(VARIANTS)
@@ -486,26 +394,28 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(grid)} or add one with --add-variant')
     variants = list(dict.fromkeys(args.variants + list(_parse_extra(args.add_variant))))
     cfg['variants'] = variants
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')  # the runs' epoch lines
+    try:
+        return _run_grid(args, cfg, grid, variants)
+    except DynaMixerError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
 
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    rank = int(os.environ.get('RANK', 0))
-    device = _device(args.device)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                timeout=datetime.timedelta(hours=48))  # ranks wait for the slowest share
+
+def _run_grid(args: argparse.Namespace, cfg: Dict[str, Any], grid: Dict[str, Dict[str, Any]],
+              variants: List[str]) -> int:
+    # ranks wait for the slowest share: a long timeout
+    process = setup_process(args.device, args.threads or 0, timeout_s=48 * 3600)
+    rank, world, device = process.rank, process.world, process.device
 
     def log(msg: str) -> None:
         print(f'[rank {rank}] {msg}' if world > 1 else msg, flush=True)
 
     out = args.out
     os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
-    data = build_data(cfg)
-    log(f'data: {len(data[0])} train / {len(data[1])} val images, {len(data[2])} classes, '
-        f'{data[4]}x{data[4]}x{data[3]}; device {device}; {world} process(es)')
+    data = describe_data(cfg)
+    log(f'data: {data.num_train} train / {data.num_val} val images, {len(data.class_names)} classes, '
+        f'{data.img_size}x{data.img_size}x{data.in_chans}; device {device}; {world} process(es)')
 
     # seed-major order: a partial grid has every variant with the first seeds
     jobs = [(v, s) for s in args.seeds for v in variants]
@@ -525,9 +435,9 @@ def run(args: argparse.Namespace) -> int:
         if args.report_only:
             log(f'[{i + 1}/{len(mine)}] {v} seed {s}: not trained yet (--report-only)')
             continue
-        ckpt = None if args.no_checkpoints else os.path.join(out, 'checkpoints', f'{v}__seed{s}.pth')
+        folder = None if args.no_checkpoints else os.path.join(out, 'runs', f'{v}__seed{s}')
         log(f'[{i + 1}/{len(mine)}] {v} seed {s}: options {grid[v]}')
-        r = train_run(v, grid[v], s, cfg, data, device, ckpt, log)
+        r = train_run(v, grid[v], s, cfg, data, device, folder)
         r['fingerprint'] = fp
         with open(path, 'w') as f:
             json.dump(r, f, indent=1)
@@ -553,10 +463,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def finish(out: str, runs: List[Dict[str, Any]], variants: Sequence[str], grid: Dict[str, Dict[str, Any]],
-           cfg: Dict[str, Any], data: Data, device: torch.device,
+           cfg: Dict[str, Any], data: DataShape, device: torch.device,
            speed: bool) -> List[Dict[str, Any]]:
     """Measure costs of the variants present in `runs`, write runs.csv, results.csv/.md and the plot."""
-    _, _, classes, in_chans, img_size = data[:5]
+    classes, in_chans, img_size = data.class_names, data.in_chans, data.img_size
     present = [v for v in variants if any(r['variant'] == v for r in runs)]
     models = {}
     costs: Dict[str, Dict[str, Any]] = {}

@@ -22,6 +22,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import __version__
+from .checkpoint import load_model
+from .data import class_names_for, preprocessing_transform, sample_images
+from .errors import require
+from .inference import (INPUT_NAME, OUTPUT_NAME, PREPROCESSING_SUFFIX, OnnxClassifier, load_preprocessing,
+                        predict_onnx, preprocessing_config, preprocessing_path)
 from .files import safetensors_metadata, save_safetensors
 
 PathLike = Union[str, os.PathLike]
@@ -34,88 +40,21 @@ __all__ = [
 ]
 
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'safetensors': '.safetensors'}
-PREPROCESSING_SUFFIX = '.preprocessing.json'
-INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
 DEFAULT_OPSET = 18
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing config
+# Preprocessing (`dynamixer.inference` holds the config, `dynamixer.data` the transform and the
+# sample images; re-exported here, their old home)
 # --------------------------------------------------------------------------------------------
 
-def class_names_for(num_classes: int, class_names: Optional[Sequence[str]] = None) -> List[str]:
-    """The names `dynamixer predict` shows: the checkpoint's; ImageNet-1k names for a 1000-class
-    head without; else '0', '1', ... (shared with predict, so both paths print the same)."""
-    from .predict import class_names_for as _names
-    return _names(num_classes, class_names)
-
-
-def preprocessing_config(
-        model: torch.nn.Module,
-        class_names: Optional[Sequence[str]] = None,
-        model_name: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Eval preprocessing of `model` (from its pretrained_cfg via timm) and its class names."""
-    from timm.data import resolve_data_config
-    cfg = resolve_data_config({}, model=model)
-    # the size the model was built for (img_size=...), which its pretrained_cfg does not follow
-    cfg['input_size'] = (model.in_chans, *model.img_size)
-    return dict(
-        model=model_name or model.pretrained_cfg.get('architecture'),
-        input_name=INPUT_NAME,
-        output_name=OUTPUT_NAME,
-        input_size=list(cfg['input_size']),
-        mean=[float(v) for v in cfg['mean']],
-        std=[float(v) for v in cfg['std']],
-        crop_pct=float(cfg['crop_pct']),
-        crop_mode=cfg.get('crop_mode', 'center'),
-        interpolation=cfg['interpolation'],
-        num_classes=model.num_classes,
-        class_names=class_names_for(model.num_classes, class_names),
-    )
-
-
-def preprocessing_path(model_path: PathLike) -> Path:
-    """``dir/name.onnx`` -> ``dir/name.onnx.preprocessing.json`` (one per exported file)."""
-    p = Path(model_path)
-    return p.with_name(p.name + PREPROCESSING_SUFFIX)
-
-
-def load_preprocessing(model_path: PathLike) -> Dict[str, Any]:
-    """Read the preprocessing JSON written next to an exported model file."""
-    path = preprocessing_path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f'{path} not found: it is written by `dynamixer export` next to {Path(model_path).name}; '
-            f'keep the two files together.')
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
-
-
-def eval_transform(config: Dict[str, Any]):
-    """timm's eval transform (RGB, resize by crop_pct, center crop, normalise) for a preprocessing
-    config; the same transform `dynamixer.data.eval_transform(model)` builds from the model."""
-    from timm.data import create_transform
-    from .data import _with_rgb
-    return _with_rgb(create_transform(
-        input_size=tuple(config['input_size']), is_training=False, mean=tuple(config['mean']),
-        std=tuple(config['std']), crop_pct=config['crop_pct'], crop_mode=config.get('crop_mode', 'center'),
-        interpolation=config['interpolation']))
-
-
-def sample_images(num_digits: int = 4) -> list:
-    """Real images that ship with scikit-learn (no download): its two photos and some 8x8 digits."""
-    from PIL import Image
-    from sklearn.datasets import load_digits, load_sample_images
-    images = [Image.fromarray(a).convert('RGB') for a in load_sample_images().images]
-    digits = load_digits().images[:num_digits]
-    images += [Image.fromarray((d * (255 / 16)).astype(np.uint8)).convert('RGB') for d in digits]
-    return images
-
-
 def _real_batch(config: Dict[str, Any]) -> torch.Tensor:
-    transform = eval_transform(config)
+    """The sample images through the eval transform of a preprocessing config: (6, C, H, W)."""
+    transform = preprocessing_transform(config)
     return torch.stack([transform(im) for im in sample_images()])
+
+
+eval_transform = preprocessing_transform  # the old name: eval transform of a preprocessing config
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +71,7 @@ def export_onnx(
 
     `metadata` (str -> str) goes into the file's metadata_props.
     """
-    import onnx
+    onnx = require('onnx', 'onnx', 'exporting to ONNX')
     path = Path(path)
     model = model.eval()
     c, h, w = model.in_chans, *model.img_size
@@ -187,7 +126,7 @@ def _max_abs_error(a: np.ndarray, b: np.ndarray) -> float:
 
 def check_onnx(onnx_path: PathLike, model: torch.nn.Module, inputs: torch.Tensor) -> float:
     """Max abs difference of ONNX Runtime's logits from the PyTorch model's on `inputs` (B, C, H, W)."""
-    import onnxruntime as ort
+    ort = require('onnxruntime', 'onnx', 'checking an ONNX export')
     session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
     out = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0]
     with torch.no_grad():
@@ -216,14 +155,12 @@ def export_checkpoint(
     `errors` maps 'random' / 'real' to the max abs error of the exported model against PyTorch
     (empty for safetensors, whose weights are bit-exact copies).
     """
-    from .checkpoint import load_model
     if fmt not in FORMATS:
         raise ValueError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
     model, info = load_model(checkpoint)
     model = model.eval()
     config = preprocessing_config(model, info['class_names'], info['model'])
     config['format'] = fmt
-    from . import __version__
     config['dynamixer_version'] = __version__
     if output is None:
         output = Path(checkpoint).with_name(Path(checkpoint).name.split('.')[0] + FORMATS[fmt])
@@ -256,54 +193,6 @@ def export_checkpoint(
     pre_path = preprocessing_path(output)
     pre_path.write_text(config_text + '\n', encoding='utf-8')
     return dict(path=output, preprocessing_path=pre_path, config=config, errors=errors)
-
-
-# --------------------------------------------------------------------------------------------
-# Prediction from an exported ONNX file (ONNX Runtime, no PyTorch model needed)
-# --------------------------------------------------------------------------------------------
-
-class OnnxClassifier:
-    """An exported ONNX file with its preprocessing JSON, run by ONNX Runtime.
-
-    `transform` maps a PIL image to a (C, H, W) tensor, `logits` a (B, C, H, W) batch to
-    (B, num_classes) logits; `class_names` lists the names of the classes.
-    """
-
-    def __init__(self, onnx_path: PathLike):
-        import onnxruntime as ort
-        if not Path(onnx_path).is_file():
-            raise FileNotFoundError(f'ONNX file not found: {onnx_path}')
-        self.config = load_preprocessing(onnx_path)
-        self.transform = eval_transform(self.config)
-        self.class_names = class_names_for(self.config['num_classes'], self.config.get('class_names'))
-        self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
-        self._input = self.config.get('input_name', INPUT_NAME)
-        self._output = self.config.get('output_name', OUTPUT_NAME)
-
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.session.run([self._output], {self._input: batch.numpy().astype(np.float32)})[0]
-        return torch.from_numpy(out)
-
-
-def predict_onnx(
-        onnx_path: PathLike,
-        image_paths: Sequence[PathLike],
-        topk: int = 5,
-        batch_size: int = 32,
-) -> List[List[Tuple[int, str, float]]]:
-    """Top-k (index, class name, probability) per image from an exported ONNX file, with the
-    preprocessing and ranking of `dynamixer predict`. Raises DataError for unreadable images."""
-    from .data import DataError
-    from .predict import preprocess, topk as rank
-    clf = OnnxClassifier(onnx_path)
-    results: List[List[Tuple[int, str, float]]] = []
-    paths = [os.fspath(p) for p in image_paths]
-    for start in range(0, len(paths), batch_size):
-        batch, _, failed = preprocess(paths[start:start + batch_size], clf.transform)
-        if failed:
-            raise DataError('; '.join(e for _, e in failed))
-        results += rank(clf.logits(batch).softmax(dim=-1), clf.class_names, topk)
-    return results
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,10 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
+from timm.data import ImageNetInfo
+from timm.models import push_to_hf_hub, save_for_hf
+from timm.models._hub import generate_readme
+
+from .checkpoint import load_model, read_checkpoint
+from .engine import count_macs
+from .errors import DynaMixerError, require
+from .model import MODEL_ARGS
 
 PathLike = Union[str, os.PathLike]
 
@@ -38,15 +47,6 @@ _NOT_RECIPE = {
     'model', 'output', 'device', 'threads', 'workers', 'progress', 'tensorboard', 'save_safetensors',
     'save_rank_weights', 'dataset_download', 'bad_images', 'resume', 'print_config', 'config',
 }
-
-
-def count_macs(model: torch.nn.Module) -> int:
-    """Multiply-adds of one forward pass at the model's input size (torch's FLOP counter / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.zeros(1, model.in_chans, *model.img_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(x)
-    return counter.get_total_flops() // 2
 
 
 def _flatten(d: Dict[str, Any], prefix: str = '') -> Iterator[Tuple[str, Any]]:
@@ -86,7 +86,6 @@ def hub_model_config(model: torch.nn.Module, info: Dict[str, Any]) -> Tuple[Dict
     if names is not None:
         model_config['label_names'] = list(names)
     elif model.num_classes == 1000:
-        from timm.data import ImageNetInfo
         imagenet = ImageNetInfo('imagenet-1k')
         model_config['label_names'] = list(imagenet.label_names())
         model_config['label_descriptions'] = imagenet.label_descriptions(as_dict=True)
@@ -103,7 +102,6 @@ def hub_model_config(model: torch.nn.Module, info: Dict[str, Any]) -> Tuple[Dict
 
 def model_card(model: torch.nn.Module, info: Dict[str, Any], repo_id: Optional[str] = None) -> Dict[str, Any]:
     """A timm model-card dict (rendered by timm's generate_readme) for a loaded checkpoint."""
-    from .model import MODEL_ARGS
     name = info['model']
     config = info.get('config') or {}
     metrics = info.get('metrics') or {}
@@ -174,7 +172,6 @@ def model_card(model: torch.nn.Module, info: Dict[str, Any], repo_id: Optional[s
 
 
 def _load(checkpoint: PathLike) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    from .checkpoint import load_model, read_checkpoint
     model, info = load_model(checkpoint)
     raw = read_checkpoint(checkpoint)
     if isinstance(raw.get('metrics'), dict):
@@ -190,8 +187,6 @@ def save_hub_folder(
         repo_id: Optional[str] = None,
 ) -> Path:
     """Write the folder push_to_hub would upload: config.json, model.safetensors, README.md."""
-    from timm.models import save_for_hf
-    from timm.models._hub import generate_readme
     model, info = _load(checkpoint)
     directory = Path(directory)
     model_config, model_args = hub_model_config(model, info)
@@ -210,7 +205,7 @@ def push_to_hub(
         commit_message: str = 'Add DynaMixer model',
 ) -> Any:
     """Upload a checkpoint to the Hub with timm's push_to_hf_hub (safetensors only, with model card)."""
-    from timm.models import push_to_hf_hub
+    require('huggingface_hub', 'hub', 'uploading to the Hugging Face Hub')
     model, info = _load(checkpoint)
     model_config, model_args = hub_model_config(model, info)
     return push_to_hf_hub(
@@ -230,9 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import huggingface_hub  # noqa: F401
-    except ImportError:
-        print('error: this needs huggingface_hub: pip install "dynamixer[hub]"')
+        require('huggingface_hub', 'hub', 'dynamixer push-to-hub')
+    except DynaMixerError as e:
+        print(f'error: {e}', file=sys.stderr)
         return 2
     if args.local_dir:
         out = save_hub_folder(args.checkpoint, args.local_dir, args.repo_id)

@@ -4,10 +4,10 @@ import time
 from typing import Dict, List
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
+from .engine import count_macs
 from .model import MODEL_ARGS
 
 # reported ImageNet-1K top-1 of the published sizes (spec section 3)
@@ -24,7 +24,7 @@ def model_stats(name: str) -> Dict[str, object]:
     model = timm.create_model(name).eval()
     x = torch.randn(1, *model.pretrained_cfg['input_size'])
     start = time.perf_counter()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad():
         logits = model(x)
     seconds = time.perf_counter() - start
     if logits.shape != (1, model.num_classes) or not torch.isfinite(logits).all():
@@ -33,7 +33,7 @@ def model_stats(name: str) -> Dict[str, object]:
         model=name,
         input=f'{x.shape[-2]}x{x.shape[-1]}',
         params=sum(p.numel() for p in model.parameters()),
-        gmacs=counter.get_total_flops() / 2 / 1e9,
+        gmacs=count_macs(model, tuple(x.shape[1:])) / 1e9,
         top1=REPORTED_TOP1.get(name),
         seconds=seconds,
     )

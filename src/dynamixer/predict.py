@@ -1,101 +1,24 @@
 """`dynamixer predict`: classify image files with a checkpoint, print the top-k classes.
 
-The pieces are separate so other back-ends (e.g. ONNX Runtime) reuse them:
-``load_inference_model`` (checkpoint -> model, class names), ``preprocess`` (image files -> batch
-tensor with the model's eval transform), ``topk`` / ``format_predictions`` (probabilities ->
-ranked class names -> text). ``--onnx FILE`` runs an exported ONNX file instead
-(``dynamixer.export.OnnxClassifier``) through the same preprocessing and ranking.
+The pieces live in `dynamixer.inference` (re-exported here, their old home):
+``load_inference_model``, ``preprocess``, ``topk``, ``format_predictions``; ``--onnx FILE`` runs an
+exported ONNX file instead (``OnnxClassifier``) through the same preprocessing and ranking.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Tuple
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, read_checkpoint
-from .files import read_safetensors_metadata
-from .data import DataError, eval_transform, load_image
+from .checkpoint import CheckpointError
+from .data import class_names_for, eval_transform
+from .errors import DynaMixerError
+from .inference import OnnxClassifier, format_predictions, load_inference_model, preprocess, topk
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
            'add_arguments', 'run']
-
-
-def load_inference_model(path: str, model_name: Optional[str] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """load_model plus the model name / arguments / class names this project writes into
-    safetensors metadata. Raises CheckpointError with the reason for files that do not fit."""
-    kwargs: Dict[str, Any] = {}
-    class_names = None
-    if str(path).endswith('.safetensors'):
-        read_checkpoint(path)  # clear errors for missing / truncated files
-        meta = read_safetensors_metadata(path)
-        if meta:
-            model_name = model_name or meta['model']
-            if model_name == meta['model']:
-                kwargs = {k: v for k, v in meta['model_kwargs'].items() if k not in ('drop_path_rate',)}
-            class_names = meta['class_names']
-    try:
-        model, info = load_model(path, model_name, **kwargs)
-    except CheckpointError:
-        raise
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f'{path}: cannot load it as {model_name or "a DynaMixer model"}: {e}') from None
-    if info.get('class_names') is None and class_names is not None:
-        info['class_names'] = class_names
-    names = info.get('class_names')
-    info['has_class_names'] = names is not None and len(names) == info['num_classes']
-    info['class_names'] = class_names_for(info['num_classes'], info.get('class_names'))
-    return model, info
-
-
-def class_names_for(num_classes: int, names: Optional[Sequence[str]]) -> List[str]:
-    """The checkpoint's class names; ImageNet-1k names for 1000 classes without; else '0', '1', ..."""
-    if names is not None and len(names) == num_classes:
-        return [str(n) for n in names]
-    if num_classes == 1000:
-        from timm.data import ImageNetInfo  # ships with timm, works offline
-        return [d.split(',')[0] for d in ImageNetInfo().label_descriptions()]
-    return [str(i) for i in range(num_classes)]
-
-
-def preprocess(paths: Sequence[str], transform: Callable) -> Tuple[torch.Tensor, List[str], List[Tuple[str, str]]]:
-    """Image files -> (batch (B, 3, H, W), the paths that loaded, [(path, error)] for those that did not).
-
-    `transform` is the model's eval transform (``dynamixer.data.eval_transform(model)``); images of
-    any mode (grayscale, RGBA, palette, 16-bit) are converted to 8-bit RGB first."""
-    tensors, ok, failed = [], [], []
-    for p in paths:
-        try:
-            tensors.append(transform(load_image(p)))
-            ok.append(p)
-        except DataError as e:
-            failed.append((p, str(e)))
-    batch = torch.stack(tensors) if tensors else torch.empty(0)
-    return batch, ok, failed
-
-
-def topk(probs: torch.Tensor, class_names: Sequence[str], k: int = 5) -> List[List[Tuple[int, str, float]]]:
-    """(B, num_classes) probabilities -> per image the k best (index, name, probability)."""
-    probs = probs.detach().float()
-    k = min(k, probs.shape[-1])
-    values, indices = probs.topk(k, dim=-1)
-    return [[(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values, indices)]
-
-
-def format_predictions(paths: Sequence[str], ranked: Sequence[Sequence[Tuple[int, str, float]]],
-                       as_json: bool = False) -> str:
-    """Text (or JSON) for the top-k lists of each image."""
-    if as_json:
-        return json.dumps([{'image': p, 'top': [{'index': i, 'class': n, 'probability': round(v, 6)}
-                                                 for i, n, v in r]} for p, r in zip(paths, ranked)], indent=1)
-    lines = []
-    for p, r in zip(paths, ranked):
-        lines.append(p)
-        width = max(len(n) for _, n, _ in r)
-        lines += [f'  {rank}. {n:<{width}}  {100 * v:6.2f}%' for rank, (_, n, v) in enumerate(r, 1)]
-    return '\n'.join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,15 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if getattr(args, 'onnx', None):
-            from .export import OnnxClassifier  # preprocessing and class names from the export's JSON
+        if getattr(args, 'onnx', None):  # preprocessing and class names from the export's JSON
             clf = OnnxClassifier(args.onnx)
             model, transform, names = clf.logits, clf.transform, clf.class_names
         else:
             model, info = load_inference_model(args.checkpoint, args.model)
             transform = eval_transform(model)
             names = info['class_names']
-    except (CheckpointError, FileNotFoundError) as e:
+    except (DynaMixerError, CheckpointError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     all_paths: List[str] = []

@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
 
 __all__ = ['OPTIONS', 'RECIPES', 'DEFAULTS', 'ConfigError', 'get_recipe', 'resolve_config',
            'add_config_arguments', 'config_overrides', 'load_yaml']
@@ -23,7 +26,8 @@ class ConfigError(ValueError):
     """An unknown recipe, setting name, or a value of the wrong type."""
 
 
-# name -> (default, type, help). type: float, int, str, bool, 'floats' (list of floats), 'str?' (str or None)
+# name -> (default, type, help). type: float, int, str, bool, 'floats' (list of floats), 'str?' (str or None),
+# 'dict' (a mapping; JSON text on the command line)
 OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
     # model
     'model': ('dynamixer_nano', str, 'timm model name'),
@@ -32,8 +36,15 @@ OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
     'new_head': (True, bool, 'with --pretrained: replace the classifier by a freshly initialised one'),
     'body_lr_scale': (1.0, float, 'lr multiplier of everything except the classifier head'),
     'drop_path': (0.0, float, 'stochastic depth rate (grows linearly to this value over the layers)'),
+    'model_options': ({}, 'dict', 'extra timm.create_model arguments as JSON, e.g. \'{"mixing": "static"}\''),
     # data
-    'dataset': ('', str, "timm dataset name ('' = image folder, 'torch/cifar10', 'hfds/...', 'digits')"),
+    'dataset': ('', str, "timm dataset name ('' = image folder, 'torch/cifar10', 'hfds/...', 'digits', "
+                         "'left-digit')"),
+    'num_train': (4000, int, 'left-digit: training canvases'),
+    'num_val': (2000, int, 'left-digit: validation canvases'),
+    'canvas': (24, int, 'left-digit: canvas size in pixels'),
+    'align': (4, int, 'left-digit: digit positions on multiples of this many pixels'),
+    'data_seed': (0, int, 'left-digit: seed of the generated data set'),
     'train_split': ('train', str, 'training split (sub-folder of the data folder)'),
     'val_split': ('validation', str, 'validation split (val/, valid/, validation/ are searched)'),
     'dataset_download': (False, bool, 'let torchvision/HF datasets download the data set'),
@@ -145,6 +156,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: '{key}' may not be empty")
     base = kind.rstrip('?') if isinstance(kind, str) else kind
     try:
+        if base == 'dict':
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise TypeError('expected a mapping, e.g. {"mixing": "static"}')
+            return dict(value)
         if base in ('floats',):
             if not isinstance(value, (list, tuple)):
                 raise TypeError('expected a list of numbers')
@@ -174,7 +191,6 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 def load_yaml(path: str) -> Dict[str, Any]:
     """Settings from a YAML file (a mapping of setting name -> value)."""
-    import yaml
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
     with open(path) as f:

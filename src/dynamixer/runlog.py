@@ -4,13 +4,19 @@ version).
 """
 from __future__ import annotations
 
-import csv
+import io
 import json
 import logging
 import os
+import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import yaml
+from tqdm import tqdm
+
+from .errors import require
 
 from . import files
 from .files import atomic_torch_save, atomic_write, atomic_write_text, safetensors_metadata
@@ -53,15 +59,10 @@ class RunLog:
         if not enabled:
             return
         os.makedirs(output, exist_ok=True)
-        import yaml
         atomic_write_text(yaml.safe_dump(config, sort_keys=False), os.path.join(output, 'config.yaml'))
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from .recipes import ConfigError
-                raise ConfigError('--tensorboard needs the tensorboard package: pip install tensorboard '
-                                  '(or pip install "dynamixer[tensorboard]")') from None
+            require('tensorboard', 'tensorboard', '--tensorboard')
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard, an optional extra
             self.writer = SummaryWriter(os.path.join(output, 'tensorboard'))
 
     def info(self, text: str) -> None:
@@ -77,8 +78,6 @@ class RunLog:
     def progress(self, total: int, desc: str, show: bool = True):
         if not (self.enabled and show):
             return _NoBar()
-        import sys
-        from tqdm import tqdm
         # redirected to a file: a line every 30 s rather than a flood of carriage returns
         tty = sys.stderr.isatty()
         return tqdm(total=total, desc=desc, leave=not tty, dynamic_ncols=True, unit='step',
@@ -153,7 +152,6 @@ def plot_history(history: List[Dict[str, Any]], path: str) -> None:
         if len(epochs) < 15:
             ax.set_xticks(epochs)
     fig.tight_layout()
-    import io
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
     plt.close(fig)

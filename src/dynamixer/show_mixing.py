@@ -12,14 +12,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .checkpoint import load_model
+from .data import DataError, class_names_for, left_digit_datasets, load_image
+from .data.digits import make_left_digit_task
 from .model import DynaMixerBlock, DynaMixerOp
 
 __all__ = ['capture_mixing', 'load_images', 'plot_mixing']
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('checkpoint', help='a training checkpoint (e.g. from dynamixer ablate)')
+    parser.add_argument('checkpoint', help='a training checkpoint (e.g. a run of dynamixer ablate: OUT/runs/VARIANT__seedK/last.pth)')
     parser.add_argument('images', nargs='*', help='image files (resized to the model\'s input size)')
     parser.add_argument('--digits', type=int, default=0, metavar='N',
                         help='also draw N val canvases of the built-in left-digit task')
@@ -80,14 +84,12 @@ def capture_mixing(model: torch.nn.Module, x: torch.Tensor, layer: str = 'stages
 
 def load_images(paths: Sequence[str], in_chans: int, img_size: Tuple[int, int]) -> torch.Tensor:
     """Image files -> (B, in_chans, H, W) floats in [0, 1] (not normalised)."""
-    from PIL import Image
     out = []
     for p in paths:
         try:
-            img = Image.open(p)
-            img.load()
-        except (OSError, ValueError) as e:
-            raise SystemExit(f'{p}: cannot read the image ({e})')
+            img = load_image(p)
+        except DataError as e:
+            raise SystemExit(str(e))
         img = img.convert('L' if in_chans == 1 else 'RGB').resize((img_size[1], img_size[0]), Image.BILINEAR)
         a = np.asarray(img, dtype=np.float32) / 255.0
         out.append(torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
@@ -161,14 +163,26 @@ def plot_mixing(
 
 
 def _digits_images(config: Dict[str, Any], n: int) -> Tuple[torch.Tensor, List[int]]:
-    from .digits import make_left_digit_task
     _, val = make_left_digit_task(0, n, canvas=int(config.get('canvas', 24)), align=int(config.get('align', 4)),
                                   seed=int(config.get('data_seed', 0)))
     return val.tensors[0], val.tensors[1].tolist()
 
 
+def _normalisation(config: Dict[str, Any], model: torch.nn.Module) -> Tuple[List[float], List[float]]:
+    """(mean, std) per channel the model was trained with."""
+    if 'mean' in config and 'std' in config:  # checkpoints of dynamixer ablate before 0.2 recorded them
+        return config['mean'], config['std']
+    if config.get('dataset') == 'left-digit':  # the training canvases' statistics
+        train, _ = left_digit_datasets(int(config['num_train']), 0, canvas=int(config['canvas']),
+                                       align=int(config['align']), seed=int(config['data_seed']))
+        return [train.mean], [train.std]
+    mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
+    if len(mean) != model.in_chans:  # e.g. a 1-channel model with the RGB defaults
+        mean, std = [sum(mean) / len(mean)] * model.in_chans, [sum(std) / len(std)] * model.in_chans
+    return list(mean), list(std)
+
+
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     model, info = load_model(args.checkpoint)
     config = info['config']
     in_chans, img_size = model.in_chans, model.img_size
@@ -182,17 +196,12 @@ def run(args: argparse.Namespace) -> int:
         titles += [f'val canvas {k}, label {y}' for k, y in enumerate(labels)]
     if len(images) == 0:
         raise SystemExit('no images: give image files and/or --digits N')
-    if 'mean' in config and 'std' in config:
-        mean, std = config['mean'], config['std']
-    else:  # not from dynamixer ablate: the model's own normalisation
-        mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
-        if len(mean) != in_chans:  # e.g. a 1-channel model with the RGB defaults
-            mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    mean, std = _normalisation(config, model)
     x = (images - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     ph, pw = capture_mixing(model, x, args.layer)
     with torch.no_grad():
         pred = model(x).argmax(-1).tolist()
-    names = info['class_names'] or [str(k) for k in range(info['num_classes'])]
+    names = class_names_for(info['num_classes'], info['class_names'])
     titles = [f'{t}\npredicted {names[p]}' for t, p in zip(titles, pred)]
     n_w, n_h = ph.shape[1], pw.shape[1]
     cols = _auto_index(images, n_w, 1) if args.col == 'auto' else [int(args.col)] * len(images)

@@ -11,18 +11,16 @@ had never stopped, on any number of processes. Checkpoints also record the RNG s
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import logging
-import math
 import os
-import random
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 import torch.nn as nn
 
 import timm
@@ -30,17 +28,22 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
+from timm.utils import ModelEmaV3, NativeScaler
 
 from . import __version__
 from .checkpoint import CheckpointError, read_checkpoint
 from .data import DataError, build_datasets, build_transforms
+from .engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
+                     setup_process, train_one_epoch, worker_init)
+from .errors import DynaMixerError
+from .layout import unwrap_state_dict
+from .model import checkpoint_filter_fn
 from .recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
 from .runlog import RunLog, atomic_torch_save, save_safetensors
 
 _logger = logging.getLogger('dynamixer.train')
 
-__all__ = ['train', 'TrainingError', 'add_arguments', 'run']
+__all__ = ['train', 'TrainingError', 'run_folder', 'evaluate', 'add_arguments', 'run']
 
 
 class TrainingError(RuntimeError):
@@ -68,16 +71,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, resume = _config_from_args(args)
         if args.print_config:
-            import yaml
             print(yaml.safe_dump(config, sort_keys=False), end='')
             return 0
+        config['output'] = run_folder(config, resume)
         result = train(config, data=config.get('data'), resume=resume)
-    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
+    except (DynaMixerError, ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        out = config.get('output') or _default_output(config, create=False)
-        last = os.path.join(out, 'last.pth')
+        last = os.path.join(config['output'], 'last.pth')
         hint = f'continue with: dynamixer train --resume {last}' if os.path.exists(last) else 'no epoch was completed'
         print(f'\ninterrupted; {hint}', file=sys.stderr)
         return 130
@@ -116,82 +118,16 @@ def _config_from_args(args: argparse.Namespace):
     return config, None
 
 
-# ---- processes, devices, randomness -------------------------------------------------------------
-
-def _setup_distributed(device_name: str, threads: int = 0):
-    """(rank, world size, device) from torchrun's environment; one process without it."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    use_cuda = torch.cuda.is_available() if device_name == 'auto' else device_name.startswith('cuda')
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device_name}' asked for, but no CUDA GPU is available")
-    device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
-    if use_cuda:
-        torch.cuda.set_device(device)
-    else:
-        # OpenMP threads that outnumber free cores spin and slow CPU training down many times over
-        local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-    return rank, world, device
-
-
-def _seed_epoch(seed: int, epoch: int, rank: int, generator: torch.Generator) -> None:
-    """Seed torch, numpy, python and the loader's generator from (seed, epoch, rank)."""
-    s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
-    generator.manual_seed(s)
-
-
-def _worker_init(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; derive numpy's and python's from it
-    s = torch.initial_seed() % 2 ** 32
-    np.random.seed(s)
-    random.seed(s)
-
-
-def _rng_state(generator: torch.Generator) -> Dict[str, Any]:
-    """RNG states as tensors and plain types (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
-        'python': [py_state[0], list(py_state[1]), py_state[2]],
-        'loader_generator': generator.get_state(),
-    }
-
-
-def _set_rng_state(state: Dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state['torch'])
-    if state.get('cuda') and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    p = state['python']
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    generator.set_state(state['loader_generator'])
-
-
-def _resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == 'auto':
-        if device.type != 'cuda':
-            return None  # CPU autocast is slower than float32 for these layer sizes
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[amp]
-
-
 # ---- model, optimiser ---------------------------------------------------------------------------
 
-def _build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=config['drop_path'])
+def _build_model(config: Dict[str, Any], num_classes: int,
+                 data_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The timm model the config names; what the data set needs (e.g. in_chans=1 for the left-digit
+    canvases) < config['model_options'] (e.g. mixing='static') < classes, drop-path and size.
+    Records the arguments in config['model_kwargs'] (checkpoints, safetensors metadata)."""
+    kwargs: Dict[str, Any] = dict(data_kwargs or {})
+    kwargs.update(config.get('model_options') or {})
+    kwargs.update(num_classes=num_classes, drop_path_rate=config['drop_path'])
     if config['img_size']:
         kwargs['img_size'] = config['img_size']
     config['model_kwargs'] = dict(kwargs)
@@ -206,8 +142,6 @@ def _build_model(config: Dict[str, Any], num_classes: int) -> nn.Module:
 
 def _load_pretrained(model: nn.Module, path: str, new_head: bool) -> None:
     """Start from the weights in `path` (any layout load_model reads); optionally a fresh head."""
-    from .layout import unwrap_state_dict
-    from .model import checkpoint_filter_fn
     raw = dict(unwrap_state_dict(read_checkpoint(path)))
     head = {f'head.{k}': v.clone() for k, v in model.head.state_dict().items()}
     if new_head:
@@ -239,6 +173,14 @@ def _param_groups(model: nn.Module, weight_decay: float, body_lr_scale: float) -
     return [groups[k] for k in sorted(groups)]
 
 
+def run_folder(config: Dict[str, Any], resume: Optional[str] = None) -> str:
+    """Where a run writes: config['output'], else the resumed checkpoint's folder, else a new
+    runs/<recipe>-<model> folder (numbered when that one holds a finished run)."""
+    if config.get('output'):
+        return config['output']
+    return os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config)
+
+
 def _default_output(config: Dict[str, Any], create: bool = True) -> str:
     base = os.path.join('runs', f"{config.get('recipe', 'run')}-{config['model']}")
     if not create:
@@ -250,32 +192,6 @@ def _default_output(config: Dict[str, Any], create: bool = True) -> str:
     return path
 
 
-# ---- evaluation ---------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype],
-             world: int = 1) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader (summed over processes)."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == y[:, None]
-        sums += torch.stack([
-            nn.functional.cross_entropy(logits, y, reduction='sum').double(),
-            hit[:, :1].sum().double(), hit.sum().double(), torch.tensor(float(len(y)), device=device).double()])
-    if world > 1:
-        dist.all_reduce(sums)
-    loss, top1, top5, n = sums.tolist()
-    n = max(n, 1.0)
-    return dict(loss=loss / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n)
-
-
 # ---- the loop -----------------------------------------------------------------------------------
 
 def train(
@@ -283,51 +199,107 @@ def train(
         data: Optional[str] = None,
         resume: Optional[str] = None,
         hooks: Optional[Dict[str, Callable]] = None,
+        process: Optional[Process] = None,
 ) -> Dict[str, Any]:
-    """Train as `config` says (see recipes.OPTIONS); returns dict(history, output, rank, seconds).
+    """Train as `config` says (see recipes.OPTIONS); returns dict(history, output, rank, world,
+    seconds, class_names). `config` is not modified.
 
     hooks (for tests and tools): 'loss'(loss, step) -> loss, called on each micro-batch's loss;
     'epoch_end'(epoch) called after the epoch's checkpoint is written.
+    process: where to run (default: from torchrun's environment); `dynamixer ablate` passes its
+    rank's device with world 1, so each of its runs is an ordinary one-process training.
     """
     hooks = hooks or {}
-    caller_config, config = config, dict(config)
+    config = copy.deepcopy(dict(config))
     config['data'] = data
     start_time = time.perf_counter()
-    rank, world, device = _setup_distributed(config['device'], config['threads'])
-    is_main = rank == 0
-    seed = config['seed']
+    process = process or setup_process(config['device'], config['threads'])
 
-    # --- data and model
+    # setup: data, model, loaders, optimisation
     train_set, val_set, class_names, data_report = build_datasets(config, data)
-    torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
-    model = _build_model(config, len(class_names)).to(device)
+    torch.manual_seed(config['seed'])  # the same initial weights on every process (DDP also broadcasts rank 0's)
+    model = _build_model(config, len(class_names), data_report.get('model_kwargs')).to(process.device)
     train_set.transform, val_set.transform = build_transforms(config, model)
+    loaders = _make_loaders(config, train_set, val_set, process)
+    opt = _make_optimisation(config, model, loaders.steps_per_epoch, len(class_names), process.device)
 
-    accum = config['grad_accum']
+    # resume
+    start_epoch, step, history = 0, 0, []
+    if resume:
+        start_epoch, step, history = _resume(resume, config, class_names, model, opt, loaders.generator)
+
+    net = _wrap_model(model, config, process)
+    output = config['output'] or run_folder(config, resume)
+    config['output'] = output
+    log = RunLog(output, config, enabled=process.is_main, tensorboard=config['tensorboard'], history=history)
+    _announce(log, config, process, loaders, opt, len(train_set), len(val_set), len(class_names), data_report)
+
+    # per epoch: train, evaluate, save
+    for epoch in range(start_epoch, opt.total_epochs):
+        metrics = _train_epoch(net, model, loaders, opt, config, process, epoch, step, log, hooks.get('loss'))
+        step = metrics['step']
+        metrics.update(_validate(net, opt.ema, loaders.val, opt.amp_dtype, process))
+        log.epoch(metrics)
+        _save_checkpoint(model, opt, loaders.generator, config, class_names, log, epoch + 1, step, metrics,
+                         process)
+        if 'epoch_end' in hooks:
+            hooks['epoch_end'](epoch + 1)
+
+    _finish(model, opt.ema, config, class_names, log, process)
+    return dict(history=log.history, output=output, rank=process.rank, world=process.world,
+                seconds=time.perf_counter() - start_time, class_names=class_names)
+
+
+class _Loaders(NamedTuple):
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    sampler: torch.utils.data.DistributedSampler
+    generator: torch.Generator
+    micro: int
+    accum: int
+    steps_per_epoch: int
+
+
+def _make_loaders(config: Dict[str, Any], train_set: Any, val_set: Any, process: Process) -> _Loaders:
+    """The global batch split over processes and accumulation steps; a sharded validation set."""
+    world, accum = process.world, config['grad_accum']
     micro, rest = divmod(config['batch_size'], world * accum)
     if rest or micro == 0:
         raise ConfigError(f"batch_size {config['batch_size']} does not split evenly over {world} processes x "
                           f'{accum} accumulation steps; choose a multiple of {world * accum}')
-    mixup_on = config['mixup'] > 0 or config['cutmix'] > 0
-    if mixup_on and micro % 2:
+    if (config['mixup'] > 0 or config['cutmix'] > 0) and micro % 2:
         raise ConfigError(f'mixup/cutmix need an even batch per process and step, got {micro}')
     if len(train_set) < config['batch_size']:
         raise DataError(f"the training set has {len(train_set)} images, fewer than one batch "
                         f"(batch_size {config['batch_size']}); lower --batch-size")
-
     generator = torch.Generator()
     sampler = torch.utils.data.DistributedSampler(
-        train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    loader_kw = dict(num_workers=config['workers'], pin_memory=device.type == 'cuda',
-                     worker_init_fn=_worker_init, persistent_workers=False)
+        train_set, num_replicas=world, rank=process.rank, shuffle=True, seed=config['seed'], drop_last=False)
+    loader_kw = dict(num_workers=config['workers'], pin_memory=process.device.type == 'cuda',
+                     worker_init_fn=worker_init, persistent_workers=False)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=micro, sampler=sampler, drop_last=True, generator=generator, **loader_kw)
-    steps_per_epoch = len(train_loader) // accum
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))  # no padding: exact metrics
+    # every rank-th image, no padding: exact metrics
+    val_shard = torch.utils.data.Subset(val_set, range(process.rank, len(val_set), world))
     val_loader = torch.utils.data.DataLoader(
         val_shard, batch_size=config['val_batch_size'] or 2 * micro, shuffle=False, **loader_kw)
+    return _Loaders(train_loader, val_loader, sampler, generator, micro, accum, len(train_loader) // accum)
 
-    # --- optimiser, schedule, loss, precision, EMA
+
+class _Optimisation(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_epochs: int
+    mixup_fn: Optional[Mixup]
+    criterion: nn.Module
+    amp_dtype: Optional[torch.dtype]
+    scaler: Optional[NativeScaler]
+    ema: Optional[ModelEmaV3]
+
+
+def _make_optimisation(config: Dict[str, Any], model: nn.Module, steps_per_epoch: int, num_classes: int,
+                       device: torch.device) -> _Optimisation:
+    """Optimiser, schedule, mixup, loss, precision and EMA, as the config says."""
     optimizer = create_optimizer_v2(
         model, config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
         momentum=config['momentum'],
@@ -337,154 +309,142 @@ def train(
         optimizer, sched=config['sched'], num_epochs=config['epochs'], warmup_epochs=config['warmup_epochs'],
         warmup_lr=config['warmup_lr'], min_lr=config['min_lr'], cooldown_epochs=config['cooldown_epochs'],
         step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    mixup_on = config['mixup'] > 0 or config['cutmix'] > 0
     mixup_fn = Mixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'], prob=config['mixup_prob'],
                      switch_prob=config['mixup_switch_prob'], label_smoothing=config['smoothing'],
-                     num_classes=len(class_names)) if mixup_on else None
+                     num_classes=num_classes) if mixup_on else None
     if mixup_on:
         criterion: nn.Module = SoftTargetCrossEntropy()  # mixup builds the smoothed soft targets
     elif config['smoothing'] > 0:
         criterion = LabelSmoothingCrossEntropy(config['smoothing'])
     else:
         criterion = nn.CrossEntropyLoss()
-    amp_dtype = _resolve_amp(config['amp'], device)
+    amp_dtype = resolve_amp(config['amp'], device)
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     ema = ModelEmaV3(model, decay=config['ema_decay']) if config['ema_decay'] else None
+    return _Optimisation(optimizer, scheduler, total_epochs, mixup_fn, criterion, amp_dtype, scaler, ema)
 
-    # --- resume
-    start_epoch, step = 0, 0
-    history: List[Dict[str, Any]] = []
-    if resume:
-        ckpt = read_checkpoint(resume)
-        _check_resume(ckpt, config, class_names, resume)
-        try:
-            model.load_state_dict(ckpt['state_dict'])
-            if ema is not None and 'state_dict_ema' in ckpt:
-                ema.module.load_state_dict(ckpt['state_dict_ema'])
-            optimizer.load_state_dict(ckpt['optimizer'])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f'{resume}: does not fit this run ({e})') from None
-        if scaler is not None and ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        # The schedule is rebuilt from the settings rather than loaded: the lr is a function of the
-        # update count, so this continues it exactly, and a resume with a new --epochs or --lr follows them.
-        _set_rng_state(ckpt['rng'], generator)
-        start_epoch, step = int(ckpt['epoch']), int(ckpt['step'])
-        history = list((ckpt.get('metrics') or {}).get('history', []))
-        if start_epoch >= total_epochs:
-            raise TrainingError(f'{resume} already finished all {total_epochs} epochs; '
-                                'pass a larger --epochs to train on')
 
-    raw_model = model
-    if world > 1:
+def _resume(path: str, config: Dict[str, Any], class_names: List[str], model: nn.Module, opt: _Optimisation,
+            generator: torch.Generator) -> Tuple[int, int, List[Dict[str, Any]]]:
+    """Load weights, optimiser, scaler and RNG states; returns (epoch, step, history) to continue from."""
+    ckpt = read_checkpoint(path)
+    _check_resume(ckpt, config, class_names, path)
+    try:
+        model.load_state_dict(ckpt['state_dict'])
+        if opt.ema is not None and 'state_dict_ema' in ckpt:
+            opt.ema.module.load_state_dict(ckpt['state_dict_ema'])
+        opt.optimizer.load_state_dict(ckpt['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f'{path}: does not fit this run ({e})') from None
+    if opt.scaler is not None and ckpt.get('scaler'):
+        opt.scaler.load_state_dict(ckpt['scaler'])
+    # The schedule is rebuilt from the settings rather than loaded: the lr is a function of the
+    # update count, so this continues it exactly, and a resume with a new --epochs or --lr follows them.
+    set_rng_state(ckpt['rng'], generator)
+    epoch, step = int(ckpt['epoch']), int(ckpt['step'])
+    if epoch >= opt.total_epochs:
+        raise TrainingError(f'{path} already finished all {opt.total_epochs} epochs; '
+                            'pass a larger --epochs to train on')
+    return epoch, step, list((ckpt.get('metrics') or {}).get('history', []))
+
+
+def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> nn.Module:
+    """DDP over several processes, then torch.compile when asked for."""
+    if process.world > 1:
+        device = process.device
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if config['compile']:
         model = torch.compile(model, backend=config['compile_backend'])
+    return model
 
-    output = config['output'] or (os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config))
-    config['output'] = caller_config['output'] = output  # the caller learns the folder even if interrupted
-    log = RunLog(output, config, enabled=is_main, tensorboard=config['tensorboard'], history=history)
-    if is_main:
-        log.info(f"{config['model']} on {len(train_set)} training / {len(val_set)} validation images, "
-                 f"{len(class_names)} classes; {world} process(es) on {device.type}, batch {config['batch_size']} "
-                 f"= {world} x {accum} x {micro}; {total_epochs} epochs of {steps_per_epoch} steps; "
-                 f"precision {amp_dtype or 'float32'}; run folder {output}")
-        if data_report['bad_images']:
-            log.write_bad_images(data_report['bad_images'])
-    if steps_per_epoch == 0:
+
+def _announce(log: RunLog, config: Dict[str, Any], process: Process, loaders: _Loaders, opt: _Optimisation,
+              n_train: int, n_val: int, n_classes: int, data_report: Dict[str, Any]) -> None:
+    world, accum, micro = process.world, loaders.accum, loaders.micro
+    log.info(f"{config['model']} on {n_train} training / {n_val} validation images, "
+             f"{n_classes} classes; {world} process(es) on {process.device.type}, batch {config['batch_size']} "
+             f"= {world} x {accum} x {micro}; {opt.total_epochs} epochs of {loaders.steps_per_epoch} steps; "
+             f"precision {opt.amp_dtype or 'float32'}; run folder {config['output']}")
+    if process.is_main and data_report['bad_images']:
+        log.write_bad_images(data_report['bad_images'])
+    if loaders.steps_per_epoch == 0:
         raise DataError(f'each process gets fewer than {micro * accum} training images per epoch; lower --batch-size')
 
-    def save_checkpoint(epoch: int, metrics: Dict[str, Any]) -> None:
-        for name, p in raw_model.state_dict().items():
-            if p.is_floating_point() and not torch.isfinite(p).all():
-                raise TrainingError(f'the weights became non-finite ({name}) in epoch {epoch}; '
-                                    f'not saving them. {_advice(output)}')
-        if not is_main:
-            return
-        state = {
-            'state_dict': raw_model.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(),
-            'scaler': scaler.state_dict() if scaler is not None else None,
-            'rng': _rng_state(generator),
-            'epoch': epoch, 'step': step,
-            'config': config, 'class_names': class_names,
-            'metrics': {**metrics, 'history': log.history},
-            'version': __version__,
-        }
-        if ema is not None:
-            state['state_dict_ema'] = ema.module.state_dict()
-        atomic_torch_save(state, os.path.join(output, 'last.pth'))
 
-    for epoch in range(start_epoch, total_epochs):
-        _seed_epoch(seed, epoch, rank, generator)
-        sampler.set_epoch(epoch)
-        model.train()
-        epoch_start = time.perf_counter()
-        loss_sum, images = 0.0, 0
-        bar = log.progress(steps_per_epoch, f'epoch {epoch + 1}/{total_epochs}', config['progress'])
-        batches = iter(train_loader)
-        for _ in range(steps_per_epoch):
-            scheduler.step_update(step)  # the lr is a function of the update count alone
-            step_loss = torch.zeros((), device=device)
-            for k in range(accum):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    x, y = mixup_fn(x, y)
-                last = k == accum - 1
-                sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = criterion(model(x), y)
-                    if 'loss' in hooks:
-                        loss = hooks['loss'](loss, step)
-                    _check_finite(loss.detach(), world, epoch, step, output)
-                    if scaler is not None:  # fp16: scaled backward; steps (with clipping) on the last micro-batch
-                        scaler(loss / accum, optimizer, clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
-                               parameters=raw_model.parameters(), need_update=last)
-                    else:
-                        (loss / accum).backward()
-                step_loss += loss.detach() / accum
-            if scaler is None:
-                if config['clip_grad'] is not None:
-                    dispatch_clip_grad(raw_model.parameters(), config['clip_grad'], mode=config['clip_mode'])
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if ema is not None:
-                ema.update(raw_model, step=step)
-            loss_value = float(step_loss)
-            loss_sum += loss_value
-            images += micro * accum * world
-            lr = optimizer.param_groups[-1]['lr']  # the head's group: the recipe's lr
-            log.advance(bar, loss=loss_value, lr=lr, ips=images / (time.perf_counter() - epoch_start))
-        bar.close()
+def _train_epoch(net: nn.Module, model: nn.Module, loaders: _Loaders, opt: _Optimisation, config: Dict[str, Any],
+                 process: Process, epoch: int, step: int, log: RunLog,
+                 loss_hook: Optional[Callable]) -> Dict[str, Any]:
+    """One epoch with its own seeds (seed, epoch, rank); the epoch's metrics."""
+    seed_epoch(config['seed'], epoch, process.rank, loaders.generator)
+    loaders.sampler.set_epoch(epoch)
+    bar = log.progress(loaders.steps_per_epoch, f'epoch {epoch + 1}/{opt.total_epochs}', config['progress'])
+    try:
+        r = train_one_epoch(
+            net, model, loaders.train, loaders.steps_per_epoch, opt.optimizer, opt.scheduler, opt.criterion,
+            process, epoch, step, accum=loaders.accum, micro_batch=loaders.micro, amp_dtype=opt.amp_dtype,
+            scaler=opt.scaler, clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
+            mixup_fn=opt.mixup_fn, ema=opt.ema, loss_hook=loss_hook,
+            on_step=lambda loss, lr, ips: log.advance(bar, loss=loss, lr=lr, ips=ips))
+    except NonFiniteLoss as e:
+        raise TrainingError(f'the loss became {e.loss} at epoch {e.epoch + 1}, update {e.step + 1}: training '
+                            f"diverged and was stopped. {_advice(config['output'])}") from None
+    bar.close()
+    return dict(epoch=epoch + 1, step=r['step'], lr=r['lr'], train_loss=r['train_loss'],
+                images_per_s=r['images'] / r['seconds'], epoch_s=r['seconds'])
 
-        seconds = time.perf_counter() - epoch_start
-        metrics = dict(epoch=epoch + 1, step=step, lr=lr, train_loss=loss_sum / steps_per_epoch,
-                       images_per_s=images / seconds, epoch_s=seconds)
-        val = evaluate(model, val_loader, device, amp_dtype, world)
-        metrics.update(val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'])
-        if ema is not None:
-            ev = evaluate(ema.module, val_loader, device, amp_dtype, world)
-            metrics.update(ema_loss=ev['loss'], ema_top1=ev['top1'], ema_top5=ev['top5'])
-        log.epoch(metrics)
-        save_checkpoint(epoch + 1, metrics)
-        if 'epoch_end' in hooks:
-            hooks['epoch_end'](epoch + 1)
 
-    if is_main:
-        final = ema.module if ema is not None else raw_model
+def _validate(net: nn.Module, ema: Optional[ModelEmaV3], val_loader: Any, amp_dtype: Optional[torch.dtype],
+              process: Process) -> Dict[str, float]:
+    """Validation loss and accuracy of the model, and of its EMA when there is one."""
+    val = evaluate(net, val_loader, process.device, amp_dtype, process.world)
+    metrics = dict(val_loss=val['loss'], val_top1=val['top1'], val_top5=val['top5'])
+    if ema is not None:
+        ev = evaluate(ema.module, val_loader, process.device, amp_dtype, process.world)
+        metrics.update(ema_loss=ev['loss'], ema_top1=ev['top1'], ema_top5=ev['top5'])
+    return metrics
+
+
+def _save_checkpoint(model: nn.Module, opt: _Optimisation, generator: torch.Generator, config: Dict[str, Any],
+                     class_names: List[str], log: RunLog, epoch: int, step: int, metrics: Dict[str, Any],
+                     process: Process) -> None:
+    """last.pth (atomically): everything a bit-identical resume needs; refused for non-finite weights."""
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise TrainingError(f'the weights became non-finite ({name}) in epoch {epoch}; '
+                                f"not saving them. {_advice(config['output'])}")
+    if not process.is_main:
+        return
+    state = {
+        'state_dict': model.state_dict(),
+        'optimizer': opt.optimizer.state_dict(),
+        'scheduler': opt.scheduler.state_dict(),
+        'scaler': opt.scaler.state_dict() if opt.scaler is not None else None,
+        'rng': rng_state(generator),
+        'epoch': epoch, 'step': step,
+        'config': config, 'class_names': class_names,
+        'metrics': {**metrics, 'history': log.history},
+        'version': __version__,
+    }
+    if opt.ema is not None:
+        state['state_dict_ema'] = opt.ema.module.state_dict()
+    atomic_torch_save(state, os.path.join(config['output'], 'last.pth'))
+
+
+def _finish(model: nn.Module, ema: Optional[ModelEmaV3], config: Dict[str, Any], class_names: List[str],
+            log: RunLog, process: Process) -> None:
+    """model.safetensors (the EMA weights when EMA is on), the curves; leave the process group."""
+    output = config['output']
+    if process.is_main:
+        final = ema.module if ema is not None else model
         if config['save_safetensors']:
             save_safetensors(final, os.path.join(output, 'model.safetensors'), config, class_names)
         log.finish()
     if config['save_rank_weights']:
-        save_safetensors(raw_model, os.path.join(output, f'rank{rank}.safetensors'), config, class_names)
-    if world > 1:
+        save_safetensors(model, os.path.join(output, f'rank{process.rank}.safetensors'), config, class_names)
+    if process.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return dict(history=log.history, output=output, rank=rank, world=world,
-                seconds=time.perf_counter() - start_time, class_names=class_names)
 
 
 def _advice(output: str) -> str:
@@ -492,16 +452,6 @@ def _advice(output: str) -> str:
     kept = f'The last good checkpoint is {last}; ' if os.path.exists(last) else 'No checkpoint was written yet; '
     return (kept + 'lower the learning rate (--lr), add gradient clipping (--clip-grad 1.0) or use '
             '--amp bf16/none, then ' + ('--resume it.' if os.path.exists(last) else 'start again.'))
-
-
-def _check_finite(loss: torch.Tensor, world: int, epoch: int, step: int, output: str) -> None:
-    """Stop every process together when any process sees a NaN or infinite loss."""
-    bad = (~torch.isfinite(loss)).float().reshape(1)
-    if world > 1:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        raise TrainingError(f'the loss became {float(loss)} at epoch {epoch + 1}, update {step + 1}: training '
-                            f'diverged and was stopped. {_advice(output)}')
 
 
 def _check_resume(ckpt: Dict[str, Any], config: Dict[str, Any], class_names: List[str], path: str) -> None:

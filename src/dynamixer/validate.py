@@ -14,40 +14,34 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .checkpoint import CheckpointError
-from .data import DataError, DigitsDataset, _apply_bad_image_policy, _find_split, check_image_folder, eval_transform
-from .predict import load_inference_model
+from .data import DataError, DigitsDataset, check_image_folder, eval_transform, find_split, image_folder_dataset
+from .engine import evaluate, resolve_device
+from .errors import DynaMixerError
+from .inference import load_inference_model
 
 __all__ = ['validate', 'add_arguments', 'run']
 
 
 def _folder_dataset(data: str, split: str, class_names: List[str], bad_images: str):
     """An ImageDataset of DATA/<split>/<class>/ (or DATA/<class>/) labelled by the checkpoint's classes."""
-    from timm.data import create_dataset
-    root = data
-    if os.path.isdir(data) and _find_split(data, split) is None:
+    if os.path.isdir(data) and find_split(data, split) is None:
         folder, classes = check_image_folder(os.path.dirname(os.path.abspath(data)) or '.',
                                              os.path.basename(os.path.abspath(data)))
     else:
-        folder, classes = check_image_folder(root, split)
+        folder, classes = check_image_folder(data, split)
     unknown = [c for c in classes if c not in class_names]
     if unknown:
         raise DataError(
             f'{folder} has classes the checkpoint does not know: {", ".join(unknown[:10])}'
             f'{" ..." if len(unknown) > 10 else ""}. The checkpoint has {len(class_names)} classes '
             f'({", ".join(class_names[:5])}{", ..." if len(class_names) > 5 else ""}).')
-    ds = create_dataset('', root=folder, split='', search_split=False,
-                        class_map={c: class_names.index(c) for c in classes}, input_img_mode=None)
-    ds.reader.samples = _apply_bad_image_policy(ds.reader.samples, bad_images, folder, {})
-    if len(ds) == 0:
-        raise DataError(f'{folder}: no readable images (.png, .jpg, .jpeg) in its class sub-folders')
-    return ds
+    return image_folder_dataset(folder, {c: class_names.index(c) for c in classes}, bad_images)
 
 
 def validate(checkpoint: str, data: Optional[str], split: str = 'validation', model_name: Optional[str] = None,
              dataset: str = '', batch_size: int = 64, workers: int = 2, bad_images: str = 'skip',
              device: str = 'auto') -> Dict[str, Any]:
     """Evaluate `checkpoint` on `data`; returns dict(top1, top5, loss, images, model)."""
-    from .train import evaluate
     model, info = load_inference_model(checkpoint, model_name)
     names = info['class_names']
     if dataset == 'digits':
@@ -59,15 +53,14 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
         if not data:
             raise DataError('give a data folder (DATA/val/<class>/*.jpg), or --dataset digits')
         if not info['has_class_names']:  # authors' checkpoints have no class names: folder order
-            folders = check_image_folder(data, split)[1] if _find_split(data, split) else sorted(os.listdir(data))
+            folders = check_image_folder(data, split)[1] if find_split(data, split) else sorted(os.listdir(data))
             if len(folders) != info['num_classes']:
                 raise DataError(f"the checkpoint has {info['num_classes']} classes, the data "
                                 f'{len(folders)} class folders')
             names = folders
         ds = _folder_dataset(data, split, names, bad_images)
     ds.transform = eval_transform(model)
-    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
-                       ('cpu' if device == 'auto' else device))
+    dev = resolve_device(device)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
     result = evaluate(model.to(dev), loader, dev, None)
     return dict(result, images=len(ds), model=info['model'], checkpoint=checkpoint)
@@ -90,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         r = validate(args.checkpoint, args.data, args.split, args.model, args.dataset, args.batch_size,
                      args.workers, args.bad_images, args.device)
-    except (CheckpointError, DataError, FileNotFoundError) as e:
+    except (DynaMixerError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if args.json:

@@ -1,4 +1,8 @@
-"""'Which digit is on the left?': a small offline task where token positions matter.
+"""scikit-learn's bundled 8x8 digits (no download), in one place: the embedded classification
+set (`DigitsDataset`, `dynamixer train`'s default), the left-digit task (`dynamixer ablate`,
+``dynamixer train --dataset left-digit``) and a few real sample images for export checks.
+
+'Which digit is on the left?': a small offline task where token positions matter.
 
 Two different scikit-learn digits (8x8, bundled with scikit-learn, no download) are pasted at
 random, non-overlapping positions of a blank canvas; the label is the class of the digit that
@@ -9,18 +13,93 @@ positions, which is what token mixing along rows and columns is for.
 The source digits are split into train / val halves first (a fixed, seeded split), so no val
 canvas reuses a digit image seen in training. Everything is generated from the seed alone.
 """
-from typing import Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
-__all__ = ['make_left_digit_task', 'left_digit_split']
+__all__ = ['load_sklearn_digits', 'DigitsDataset', 'LeftDigitDataset', 'left_digit_datasets',
+           'make_left_digit_task', 'left_digit_split', 'sample_images']
+
+DIGIT_CLASSES = [str(i) for i in range(10)]
+
+
+def load_sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797, 8, 8) float64 in 0..16, labels (1797,) int."""
+    from sklearn.datasets import load_digits  # scikit-learn is optional
+    d = load_digits()
+    return d.images, d.target
 
 
 def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)  # (1797, 8, 8) in [0, 1]
+    images, target = load_sklearn_digits()
+    return (images / 16.0).astype(np.float32), target.astype(np.int64)  # (1797, 8, 8) in [0, 1]
+
+
+def sample_images(num_digits: int = 4) -> List[Image.Image]:
+    """Real images that ship with scikit-learn (no download): its two photos and some 8x8 digits."""
+    from sklearn.datasets import load_sample_images
+    images = [Image.fromarray(a).convert('RGB') for a in load_sample_images().images]
+    digits = load_sklearn_digits()[0][:num_digits]
+    images += [Image.fromarray((d * (255 / 16)).astype(np.uint8)).convert('RGB') for d in digits]
+    return images
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's 8x8 digits (1797 images, bundled, no download) upsampled to `size` x `size`.
+
+    A fixed stratified 80/20 split (random_state 0): 1437 training and 360 validation images.
+    Items are (transform(PIL RGB image), int label), like timm's ImageDataset.
+    """
+
+    classes = DIGIT_CLASSES
+
+    def __init__(self, split: str = 'train', size: int = 32, transform: Optional[Callable] = None):
+        from sklearn.model_selection import train_test_split
+        images, target = load_sklearn_digits()
+        idx_train, idx_val = train_test_split(
+            np.arange(len(target)), test_size=0.2, stratify=target, random_state=0)
+        idx = idx_train if split in ('train', 'training') else idx_val
+        pixels = np.rint(images[idx] * (255.0 / 16.0)).astype(np.uint8)  # values 0..16
+        self.images = [Image.fromarray(p, 'L').resize((size, size), Image.BILINEAR) for p in pixels]
+        self.targets = [int(t) for t in target[idx]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Tuple[Any, int]:
+        img = self.images[i]
+        return (self.transform(img) if self.transform is not None else img), self.targets[i]
+
+
+class LeftDigitDataset(torch.utils.data.Dataset):
+    """Left-digit canvases (n, 1, H, W) in [0, 1], served normalised as (x - mean) / std with the
+    training set's statistics; `transform` (default none) is applied after. No flips: left and
+    right are the label."""
+
+    classes = DIGIT_CLASSES
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: float, std: float):
+        self.images, self.targets, self.mean, self.std = images, targets, mean, std
+        self.transform: Optional[Callable] = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        x = (self.images[i] - self.mean) / self.std
+        return (self.transform(x) if self.transform is not None else x), int(self.targets[i])
+
+
+def left_digit_datasets(num_train: int = 4000, num_val: int = 2000, canvas: int = 24, align: int = 4,
+                        seed: int = 0) -> Tuple[LeftDigitDataset, LeftDigitDataset]:
+    """(train, val) of the left-digit task, normalised by the training canvases' mean and std."""
+    train, val = make_left_digit_task(num_train, num_val, canvas=canvas, align=align, seed=seed)
+    x = train.tensors[0]
+    mean, std = float(x.mean()), float(x.std())
+    return (LeftDigitDataset(*train.tensors, mean, std), LeftDigitDataset(*val.tensors, mean, std))
 
 
 def _compose(

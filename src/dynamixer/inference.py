@@ -1,0 +1,190 @@
+"""Running a trained model on image files, with PyTorch or with an exported ONNX file.
+
+``load_inference_model`` (checkpoint -> model and class names), ``preprocess`` (image files ->
+batch tensor with the model's eval transform), ``topk`` / ``format_predictions`` (probabilities
+-> ranked class names -> text), the preprocessing config an export writes next to its file, and
+``OnnxClassifier`` / ``predict_onnx`` (an exported ONNX file through the same preprocessing and
+ranking). `dynamixer predict` and `dynamixer export` are thin commands over these.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from timm.data import resolve_data_config
+
+from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .data import DataError, class_names_for, load_image, preprocessing_transform
+from .errors import require
+from .files import read_safetensors_metadata
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
+           'preprocessing_config', 'preprocessing_path', 'load_preprocessing', 'OnnxClassifier', 'predict_onnx',
+           'PREPROCESSING_SUFFIX', 'INPUT_NAME', 'OUTPUT_NAME']
+
+PREPROCESSING_SUFFIX = '.preprocessing.json'
+INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
+
+
+# ---- PyTorch models -----------------------------------------------------------------------------
+
+def load_inference_model(path: str, model_name: Optional[str] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """load_model plus the model name / arguments / class names this project writes into
+    safetensors metadata. Raises CheckpointError with the reason for files that do not fit."""
+    kwargs: Dict[str, Any] = {}
+    class_names = None
+    if str(path).endswith('.safetensors'):
+        read_checkpoint(path)  # clear errors for missing / truncated files
+        meta = read_safetensors_metadata(path)
+        if meta:
+            model_name = model_name or meta['model']
+            if model_name == meta['model']:
+                kwargs = {k: v for k, v in meta['model_kwargs'].items() if k not in ('drop_path_rate',)}
+            class_names = meta['class_names']
+    try:
+        model, info = load_model(path, model_name, **kwargs)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f'{path}: cannot load it as {model_name or "a DynaMixer model"}: {e}') from None
+    if info.get('class_names') is None and class_names is not None:
+        info['class_names'] = class_names
+    names = info.get('class_names')
+    info['has_class_names'] = names is not None and len(names) == info['num_classes']
+    info['class_names'] = class_names_for(info['num_classes'], info.get('class_names'))
+    return model, info
+
+
+def preprocess(paths: Sequence[str], transform: Callable) -> Tuple[torch.Tensor, List[str], List[Tuple[str, str]]]:
+    """Image files -> (batch (B, 3, H, W), the paths that loaded, [(path, error)] for those that did not).
+
+    `transform` is the model's eval transform (``dynamixer.data.eval_transform(model)``); images of
+    any mode (grayscale, RGBA, palette, 16-bit) are converted to 8-bit RGB first."""
+    tensors, ok, failed = [], [], []
+    for p in paths:
+        try:
+            tensors.append(transform(load_image(p)))
+            ok.append(p)
+        except DataError as e:
+            failed.append((p, str(e)))
+    batch = torch.stack(tensors) if tensors else torch.empty(0)
+    return batch, ok, failed
+
+
+def topk(probs: torch.Tensor, class_names: Sequence[str], k: int = 5) -> List[List[Tuple[int, str, float]]]:
+    """(B, num_classes) probabilities -> per image the k best (index, name, probability)."""
+    probs = probs.detach().float()
+    k = min(k, probs.shape[-1])
+    values, indices = probs.topk(k, dim=-1)
+    return [[(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values, indices)]
+
+
+def format_predictions(paths: Sequence[str], ranked: Sequence[Sequence[Tuple[int, str, float]]],
+                       as_json: bool = False) -> str:
+    """Text (or JSON) for the top-k lists of each image."""
+    if as_json:
+        return json.dumps([{'image': p, 'top': [{'index': i, 'class': n, 'probability': round(v, 6)}
+                                                 for i, n, v in r]} for p, r in zip(paths, ranked)], indent=1)
+    lines = []
+    for p, r in zip(paths, ranked):
+        lines.append(p)
+        width = max(len(n) for _, n, _ in r)
+        lines += [f'  {rank}. {n:<{width}}  {100 * v:6.2f}%' for rank, (_, n, v) in enumerate(r, 1)]
+    return '\n'.join(lines)
+
+
+# ---- the preprocessing an export writes next to its file ------------------------------------------
+
+def preprocessing_config(
+        model: torch.nn.Module,
+        class_names: Optional[Sequence[str]] = None,
+        model_name: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Eval preprocessing of `model` (from its pretrained_cfg via timm) and its class names."""
+    cfg = resolve_data_config({}, model=model)
+    # the size the model was built for (img_size=...), which its pretrained_cfg does not follow
+    cfg['input_size'] = (model.in_chans, *model.img_size)
+    return dict(
+        model=model_name or model.pretrained_cfg.get('architecture'),
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        input_size=list(cfg['input_size']),
+        mean=[float(v) for v in cfg['mean']],
+        std=[float(v) for v in cfg['std']],
+        crop_pct=float(cfg['crop_pct']),
+        crop_mode=cfg.get('crop_mode', 'center'),
+        interpolation=cfg['interpolation'],
+        num_classes=model.num_classes,
+        class_names=class_names_for(model.num_classes, class_names),
+    )
+
+
+def preprocessing_path(model_path: PathLike) -> Path:
+    """``dir/name.onnx`` -> ``dir/name.onnx.preprocessing.json`` (one per exported file)."""
+    p = Path(model_path)
+    return p.with_name(p.name + PREPROCESSING_SUFFIX)
+
+
+def load_preprocessing(model_path: PathLike) -> Dict[str, Any]:
+    """Read the preprocessing JSON written next to an exported model file."""
+    path = preprocessing_path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'{path} not found: it is written by `dynamixer export` next to {Path(model_path).name}; '
+            f'keep the two files together.')
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+# ---- exported ONNX files (ONNX Runtime, no PyTorch model needed) --------------------------------
+
+class OnnxClassifier:
+    """An exported ONNX file with its preprocessing JSON, run by ONNX Runtime.
+
+    `transform` maps a PIL image to a (C, H, W) tensor, `logits` a (B, C, H, W) batch to
+    (B, num_classes) logits; `class_names` lists the names of the classes.
+    """
+
+    def __init__(self, onnx_path: PathLike):
+        ort = require('onnxruntime', 'onnx', 'running an exported ONNX file')
+        if not Path(onnx_path).is_file():
+            raise FileNotFoundError(f'ONNX file not found: {onnx_path}')
+        self.config = load_preprocessing(onnx_path)
+        self.transform = preprocessing_transform(self.config)
+        self.class_names = class_names_for(self.config['num_classes'], self.config.get('class_names'))
+        self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
+        self._input = self.config.get('input_name', INPUT_NAME)
+        self._output = self.config.get('output_name', OUTPUT_NAME)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.session.run([self._output], {self._input: batch.numpy().astype(np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+def predict_onnx(
+        onnx_path: PathLike,
+        image_paths: Sequence[PathLike],
+        topk: int = 5,
+        batch_size: int = 32,
+) -> List[List[Tuple[int, str, float]]]:
+    """Top-k (index, class name, probability) per image from an exported ONNX file, with the
+    preprocessing and ranking of `dynamixer predict`. Raises DataError for unreadable images."""
+    clf = OnnxClassifier(onnx_path)
+    results: List[List[Tuple[int, str, float]]] = []
+    paths = [os.fspath(p) for p in image_paths]
+    k = topk
+    for start in range(0, len(paths), batch_size):
+        batch, _, failed = preprocess(paths[start:start + batch_size], clf.transform)
+        if failed:
+            raise DataError('; '.join(e for _, e in failed))
+        results += _rank(clf.logits(batch).softmax(dim=-1), clf.class_names, k)
+    return results
+
+
+_rank = topk  # predict_onnx's `topk` argument shadows the function's name inside it
