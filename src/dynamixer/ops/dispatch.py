@@ -27,8 +27,8 @@ what can change afterwards (module swaps, hooks, grad mode, device, autocast, tr
 switch) is checked per call: a handful of attribute reads.
 
 Backends of the fast mixing: 'triton' on CUDA with Triton installed, 'torch' otherwise, and a slot
-for 'cpp', compiled CPU kernels in ``ops/cpu_kernels.py`` (not part of this module: when that
-module exists and its ``available()`` is true, its ``DynamicMix`` and ``dynamic_mix_forward``,
+for 'cpp', compiled CPU kernels in ``ops/cpu_kernels.py`` (not part of this module: once that
+module is imported here and its ``available()`` is true, its ``DynamicMix`` and ``dynamic_mix_forward``,
 drop-in equivalents of `ops.mixing`'s, enter `KERNELS` as 'cpp' and serve CPU calls, paths
 'cpp-train' / 'cpp-inference'; see `_decide_mixing`).
 """
@@ -47,11 +47,10 @@ from torch.nn.modules import module as _module_state
 from .mixing import DynamicMix, dynamic_mix_forward
 from .triton_mixing import triton_available, triton_dynamic_mix, triton_mix_forward
 
-try:  # the compiled CPU backend's slot: written separately, absent in most installs
-    from .cpu_kernels import DynamicMix as CppDynamicMix  # type: ignore[import-not-found]
-    from .cpu_kernels import available as cpp_available, dynamic_mix_forward as cpp_dynamic_mix_forward
-except ImportError:
-    cpp_available = None
+# The compiled CPU backend's slot (issue 12, not on main yet): its module imports here, sets
+# `cpp_available` and adds KERNELS['cpp']. Importing a module that does not exist would be an
+# import of the `ops` package from inside it, so nothing is imported until it lands.
+cpp_available: Optional[Callable[[], bool]] = None
 
 __all__ = [
     'FAST_PATH_MIN_TOKENS', 'PLAIN', 'set_fast_path', 'fast_path_enabled', 'static_mixing_ok',
@@ -120,8 +119,6 @@ KERNELS: Dict[str, Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor
     'fast': (DynamicMix.apply, dynamic_mix_forward),
     'triton': (triton_dynamic_mix, triton_mix_forward),
 }
-if cpp_available is not None:
-    KERNELS['cpp'] = (CppDynamicMix.apply, cpp_dynamic_mix_forward)
 
 
 def mixing_backend(path: str) -> Tuple[str, Callable[..., torch.Tensor]]:
