@@ -35,32 +35,38 @@ template <typename T> constexpr int kW = 32 / sizeof(T);
 
 template <typename T> inline vec<T> vload(const T* p) { vec<T> v; std::memcpy(&v, p, sizeof(v)); return v; }
 template <typename T> inline void vstore(T* p, vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
-template <typename T> inline vec<T> vsplat(T x) { return vec<T>{} + x; }
+// x - 0 is x exactly (also -0), and GCC compiles it to one vbroadcastss; x + 0 or a lane loop do not.
+template <typename T> inline vec<T> vsplat(T x) { return x - vec<T>{}; }
+template <typename T> inline vec<T> vmax(vec<T> a, vec<T> b) { return a > b ? a : b; }
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// exp for the softmax (arguments <= 0). float: Cephes' polynomial on [-ln2/2, ln2/2] after range
-// reduction, branch-free so that the loops around it vectorise (about 1 ulp). double: std::exp
+// exp for the softmax (arguments <= 0), 8 lanes at once. float: Cephes' polynomial on
+// [-ln2/2, ln2/2] after range reduction, branch-free (about 1 ulp). double: std::exp per lane
 // (float64 is for gradcheck; its speed does not matter).
-inline float exp_fast(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float fn = (t + 12582912.0f) - 12582912.0f;      // round to nearest (|t| < 2^22)
-  float r = x - fn * 0.693359375f;
+inline vec<float> vexp(vec<float> x) {
+  typedef int32_t ivec __attribute__((vector_size(32)));
+  x = vmax<float>(x, vsplat(-87.0f));
+  const vec<float> t = x * 1.44269504088896341f;
+  const vec<float> fn = (t + 12582912.0f) - 12582912.0f;      // round to nearest (|t| < 2^22)
+  vec<float> r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  vec<float> p = vsplat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
-  float scale;
+  const ivec bits = (__builtin_convertvector(fn, ivec) + 127) << 23;
+  vec<float> scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-inline double exp_fast(double x) { return std::exp(x); }
+inline vec<double> vexp(vec<double> x) {
+  for (int i = 0; i < kW<double>; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
 
 // C[m, :] (=|+=) A[m, :] @ B for MB rows and NV vectors of columns: acc[MB][NV] in registers.
 // A is read as A[m * a_rs + k * a_ks] (broadcast), B[k * ldb + v * W] (vector loads).
@@ -85,17 +91,27 @@ inline void micro(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b,
     for (int v = 0; v < NV; ++v) vstore(c + m * ldc + v * W, acc[m][v]);
 }
 
+// B is either row-major with leading dimension ldb, or (ldb == kPacked) packed into panels of
+// 3 vectors of columns (the last panel narrower), each panel K x width contiguous, panel at
+// column `col` starting at b + col * K (`pack_panels`). Packing matters for the generator's weight:
+// its rows are 4 KiB apart for N = 32, and reading a column block down them thrashes L1's sets.
+constexpr int64_t kPacked = -1;
+
 template <typename T, int MB>
 inline void gemm_rows(int64_t K, int64_t ncols, const T* a, int64_t a_rs, int64_t a_ks, const T* b, int64_t ldb,
                       T* c, int64_t ldc, int init, const T* bias) {
   constexpr int W = kW<T>;
+  const bool packed = ldb == kPacked;
   int64_t col = 0;
   for (; col + 3 * W <= ncols; col += 3 * W)
-    micro<T, MB, 3>(K, a, a_rs, a_ks, b + col, ldb, c + col, ldc, init, bias ? bias + col : nullptr);
+    micro<T, MB, 3>(K, a, a_rs, a_ks, packed ? b + col * K : b + col, packed ? 3 * W : ldb, c + col, ldc, init,
+                    bias ? bias + col : nullptr);
   if (ncols - col == 2 * W)
-    micro<T, MB, 2>(K, a, a_rs, a_ks, b + col, ldb, c + col, ldc, init, bias ? bias + col : nullptr);
+    micro<T, MB, 2>(K, a, a_rs, a_ks, packed ? b + col * K : b + col, packed ? 2 * W : ldb, c + col, ldc, init,
+                    bias ? bias + col : nullptr);
   else if (ncols - col == W)
-    micro<T, MB, 1>(K, a, a_rs, a_ks, b + col, ldb, c + col, ldc, init, bias ? bias + col : nullptr);
+    micro<T, MB, 1>(K, a, a_rs, a_ks, packed ? b + col * K : b + col, packed ? W : ldb, c + col, ldc, init,
+                    bias ? bias + col : nullptr);
 }
 
 // C (M x ncols) (=|+=) A (M x K) @ B (K x ncols); ncols a multiple of the vector width.
@@ -109,13 +125,27 @@ inline void gemm(int64_t M, int64_t K, int64_t ncols, const T* a, int64_t a_rs, 
     gemm_rows<T, 1>(K, ncols, a + m * a_rs, a_rs, a_ks, b, ldb, c + m * ldc, ldc, init, bias);
 }
 
+// Row-major (K x ncols) -> the panel layout `gemm` reads with ldb == kPacked.
+template <typename T>
+std::vector<T> pack_panels(const std::vector<T>& src, int64_t K, int64_t ncols) {
+  constexpr int W = kW<T>;
+  std::vector<T> dst(K * ncols);
+  for (int64_t col = 0; col < ncols; col += 3 * W) {
+    const int64_t width = std::min<int64_t>(3 * W, ncols - col);
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(&dst[col * K + k * width], &src[k * ncols + col], width * sizeof(T));
+  }
+  return dst;
+}
+
 // Sizes of one call and the generator's weight in padded layouts.
 template <typename T>
 struct Problem {
   int64_t B, N, L, C, S, CS, ND, Np, NNp, CSp, NDp;
-  std::vector<T> wt;    // (ND, N*Np): wt[k][i*Np + j] = W[i*N + j][k]   (generator, j padded with 0)
+  int64_t ldP;          // row stride of the (S, N*Np) scratch matrices: not a multiple of 4 KiB
+  std::vector<T> wt;    // (ND, N*Np): wt[k][i*Np + j] = W[i*N + j][k], j padded with 0; packed panels
   std::vector<T> bp;    // (N*Np):     bias, j padded with 0
-  std::vector<T> wp;    // (N*Np, NDp): W with rows j padded and columns k padded with 0 (backward)
+  std::vector<T> wp;    // (N*Np, NDp): W, rows j and columns k padded with 0; packed panels (backward)
 
   Problem(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& weight, const at::Tensor& bias, int64_t s,
           bool backward) {
@@ -123,6 +153,7 @@ struct Problem {
     B = x4.size(0); N = x4.size(1); L = x4.size(2); C = x4.size(3); S = s;
     CS = C / S; ND = r2.size(1);
     Np = round_up(N, W); NNp = N * Np; CSp = round_up(CS, W); NDp = round_up(ND, W);
+    ldP = NNp % 256 == 0 ? NNp + W : NNp;
     const T* w = weight.data_ptr<T>();
     const T* bb = bias.data_ptr<T>();
     wt.assign(ND * NNp, T(0));
@@ -132,11 +163,13 @@ struct Problem {
         bp[i * Np + j] = bb[i * N + j];
         for (int64_t k = 0; k < ND; ++k) wt[k * NNp + i * Np + j] = w[(i * N + j) * ND + k];
       }
+    wt = pack_panels(wt, ND, NNp);
     if (backward) {
       wp.assign(NNp * NDp, T(0));
       for (int64_t i = 0; i < N; ++i)
         for (int64_t j = 0; j < N; ++j)
           std::memcpy(&wp[(i * Np + j) * NDp], w + (i * N + j) * ND, ND * sizeof(T));
+      wp = pack_panels(wp, NNp, NDp);
     }
   }
 };
@@ -145,31 +178,31 @@ struct Problem {
 // along j. Padded columns j >= N hold softmax(0) and are never read back as results.
 template <typename T>
 void mixing_matrices(const Problem<T>& p, const T* r, int64_t seq, T* P) {
-  const int64_t N = p.N, Np = p.Np, NNp = p.NNp;
-  gemm<T>(p.S, p.ND, NNp, r + seq * p.S * p.ND, p.ND, 1, p.wt.data(), NNp, P, NNp, 1, p.bp.data());
-  T mx[256], sum[256];   // Np <= 256 (checked)
+  const int64_t N = p.N, Np = p.Np, NNp = p.NNp, ldP = p.ldP;
+  gemm<T>(p.S, p.ND, NNp, r + seq * p.S * p.ND, p.ND, 1, p.wt.data(), kPacked, P, ldP, 1, p.bp.data());
+  constexpr int W = kW<T>;
   for (int64_t s = 0; s < p.S; ++s) {
-    T* Ps = P + s * NNp;
-    for (int64_t j = 0; j < Np; ++j) { mx[j] = Ps[j]; sum[j] = T(0); }
-    for (int64_t i = 1; i < N; ++i)
-      for (int64_t j = 0; j < Np; ++j) mx[j] = std::max(mx[j], Ps[i * Np + j]);
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < Np; ++j) {
-        const T e = exp_fast(Ps[i * Np + j] - mx[j]);
-        Ps[i * Np + j] = e;
-        sum[j] += e;
+    T* Ps = P + s * ldP;
+    for (int64_t j = 0; j < Np; j += W) {
+      vec<T> mx = vload(Ps + j);
+      for (int64_t i = 1; i < N; ++i) mx = vmax<T>(mx, vload(Ps + i * Np + j));
+      vec<T> sum = vsplat<T>(0);
+      for (int64_t i = 0; i < N; ++i) {
+        const vec<T> e = vexp(vload(Ps + i * Np + j) - mx);
+        vstore(Ps + i * Np + j, e);
+        sum += e;
       }
-    for (int64_t j = 0; j < Np; ++j) sum[j] = T(1) / sum[j];
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < Np; ++j) Ps[i * Np + j] *= sum[j];
+      const vec<T> inv = T(1) / sum;
+      for (int64_t i = 0; i < N; ++i) vstore(Ps + i * Np + j, vload(Ps + i * Np + j) * inv);
+    }
   }
 }
 
-// Copy the (N x CS) channel block of one segment (rows `stride` apart) into a (N x CSp) buffer,
-// zero-padded, when CS is not a multiple of the vector width; else point at it in place.
+// Copy the (N x CS) channel block of one segment (rows `stride` apart) into a contiguous,
+// zero-padded (N x CSp) buffer: the GEMMs read it once per block of 4 output rows, and in place
+// its rows can be a multiple of 4 KiB apart (the height branch), which thrashes L1's sets.
 template <typename T>
 inline const T* block_in(const T* src, int64_t stride, const Problem<T>& p, T* buf, int64_t& ld) {
-  if (p.CS == p.CSp) { ld = stride; return src; }
   for (int64_t i = 0; i < p.N; ++i) {
     std::memcpy(buf + i * p.CSp, src + i * stride, p.CS * sizeof(T));
     std::fill(buf + i * p.CSp + p.CS, buf + (i + 1) * p.CSp, T(0));
@@ -209,11 +242,11 @@ void forward_impl(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& 
   T* o = out.data_ptr<T>();
   const int64_t sxb = x4.stride(0), sxn = x4.stride(1), sxl = x4.stride(2);
   const int64_t sob = out.stride(0), son = out.stride(1), sol = out.stride(2);
-  const int64_t scratch = p.S * p.NNp + 2 * p.N * p.CSp;
+  const int64_t scratch = p.S * p.ldP + 2 * p.N * p.CSp;
   at::parallel_for(0, p.B * p.L, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(scratch);
     T* P = buf.data();
-    T* xbuf = P + p.S * p.NNp;
+    T* xbuf = P + p.S * p.ldP;
     T* obuf = xbuf + p.N * p.CSp;
     for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t b = seq / p.L, l = seq % p.L;
@@ -224,7 +257,7 @@ void forward_impl(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& 
         T* os = o + b * sob + l * sol + s * p.CS;
         const bool direct = p.CS == p.CSp;
         // out[j, :] = sum_i P[s, i, j] x[i, :]: rows j, reduction over i
-        gemm<T>(p.N, p.N, p.CSp, P + s * p.NNp, 1, p.Np, xs, ldx, direct ? os : obuf, direct ? son : p.CSp, 0);
+        gemm<T>(p.N, p.N, p.CSp, P + s * p.ldP, 1, p.Np, xs, ldx, direct ? os : obuf, direct ? son : p.CSp, 0);
         if (!direct) block_out<T>(obuf, p, os, son);
       }
     }
@@ -236,7 +269,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
                                       const at::Tensor& bias, const at::Tensor& grad, int64_t s, bool need_x,
                                       bool need_params) {
   const Problem<T> p(x4, r2, weight, bias, s, true);
-  const int64_t N = p.N, Np = p.Np, NNp = p.NNp, CS = p.CS, CSp = p.CSp, S = p.S, ND = p.ND, NDp = p.NDp;
+  const int64_t N = p.N, Np = p.Np, NNp = p.NNp, CS = p.CS, CSp = p.CSp, S = p.S, ND = p.ND, NDp = p.NDp, ldP = p.ldP;
   const T* x = x4.data_ptr<T>();
   const T* r = r2.data_ptr<T>();
   const T* g = grad.data_ptr<T>();
@@ -251,13 +284,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
   // per-thread accumulators of the generator's gradients, padded layout (N*Np, NDp) and (N*Np)
   const int nthreads = std::max(1, at::get_num_threads());
   std::vector<T> dw_acc(need_params ? nthreads * (NNp * NDp + NNp) : 0, T(0));
-  const int64_t scratch = 2 * S * NNp + 3 * N * CSp + CSp * Np + S * NDp;
+  const int64_t scratch = 2 * S * ldP + 3 * N * CSp + CSp * Np + S * NDp;
   at::parallel_for(0, p.B * p.L, 1, [&](int64_t begin, int64_t end) {
     const int tid = std::min(at::get_thread_num(), nthreads - 1);
     std::vector<T> buf(scratch, T(0));
     T* P = buf.data();
-    T* dl = P + S * NNp;                    // dP, then the logits' gradient, (S, N, Np)
-    T* xbuf = dl + S * NNp;
+    T* dl = P + S * ldP;                    // dP, then the logits' gradient, (S, N, Np)
+    T* xbuf = dl + S * ldP;
     T* gbuf = xbuf + N * CSp;
     T* obuf = gbuf + N * CSp;
     T* gt = obuf + N * CSp;                 // (CSp, Np): one segment's gradient transposed
@@ -270,7 +303,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
       for (int64_t s = 0; s < S; ++s) {
         int64_t ldg, ldx;
         const T* gs = block_in<T>(g + b * sgb + l * sgl + s * CS, sgn, p, gbuf, ldg);
-        const T* Ps = P + s * NNp;
+        const T* Ps = P + s * ldP;
         if (need_x) {   // dx[i, :] = sum_j P[s, i, j] g[j, :]
           T* ds = dxp + b * sdb + l * sdl + s * CS;
           const bool direct = CS == CSp;
@@ -281,23 +314,24 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
           const T* xs = block_in<T>(x + b * sxb + l * sxl + s * CS, sxn, p, xbuf, ldx);
           for (int64_t c = 0; c < CS; ++c)
             for (int64_t j = 0; j < N; ++j) gt[c * Np + j] = gs[j * ldg + c];
-          T* ds = dl + s * NNp;
+          T* ds = dl + s * ldP;
           gemm<T>(N, CS, Np, xs, ldx, 1, gt, Np, ds, Np, 0);
-          T dot[256];
-          for (int64_t j = 0; j < Np; ++j) dot[j] = T(0);
-          for (int64_t i = 0; i < N; ++i)
-            for (int64_t j = 0; j < Np; ++j) dot[j] += Ps[i * Np + j] * ds[i * Np + j];
-          for (int64_t i = 0; i < N; ++i) {
-            for (int64_t j = 0; j < Np; ++j) ds[i * Np + j] = Ps[i * Np + j] * (ds[i * Np + j] - dot[j]);
-            for (int64_t j = N; j < Np; ++j) ds[i * Np + j] = T(0);
+          constexpr int W = kW<T>;
+          for (int64_t j = 0; j < Np; j += W) {
+            vec<T> dot = vsplat<T>(0);
+            for (int64_t i = 0; i < N; ++i) dot += vload(Ps + i * Np + j) * vload(ds + i * Np + j);
+            for (int64_t i = 0; i < N; ++i)
+              vstore(ds + i * Np + j, vload(Ps + i * Np + j) * (vload(ds + i * Np + j) - dot));
           }
+          for (int64_t i = 0; i < N; ++i)
+            for (int64_t j = N; j < Np; ++j) ds[i * Np + j] = T(0);
         }
       }
       if (need_params) {
         // dr2[seq*S + s, :] = dl[s] @ W   (padded rows of wp are zero)
         const bool direct = ND == NDp;
         T* dr = drp + seq * S * ND;
-        gemm<T>(S, NNp, NDp, dl, NNp, 1, p.wp.data(), NDp, direct ? dr : rbuf, direct ? ND : NDp, 0);
+        gemm<T>(S, NNp, NDp, dl, ldP, 1, p.wp.data(), kPacked, direct ? dr : rbuf, direct ? ND : NDp, 0);
         if (!direct)
           for (int64_t s = 0; s < S; ++s) std::memcpy(dr + s * ND, rbuf + s * NDp, ND * sizeof(T));
         // dW += dl^T @ R ; db += column sums of dl
@@ -311,9 +345,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
           rs = rbuf;
           ldr = NDp;
         }
-        gemm<T>(NNp, S, NDp, dl, 1, NNp, rs, ldr, dw, NDp, 2);
+        gemm<T>(NNp, S, NDp, dl, 1, ldP, rs, ldr, dw, NDp, 2);
         for (int64_t s = 0; s < S; ++s)
-          for (int64_t n = 0; n < NNp; ++n) db[n] += dl[s * NNp + n];
+          for (int64_t n = 0; n < NNp; n += kW<T>) vstore(db + n, vload(db + n) + vload(dl + s * ldP + n));
       }
     }
   });
