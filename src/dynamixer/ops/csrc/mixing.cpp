@@ -98,31 +98,33 @@ inline void micro(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b,
 constexpr int64_t kPacked = -1;
 
 template <typename T, int MB>
-inline void gemm_rows(int64_t K, int64_t ncols, const T* a, int64_t a_rs, int64_t a_ks, const T* b, int64_t ldb,
+inline void micro_any(int nv, int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b, int64_t ldb,
                       T* c, int64_t ldc, int init, const T* bias) {
-  constexpr int W = kW<T>;
-  const bool packed = ldb == kPacked;
-  int64_t col = 0;
-  for (; col + 3 * W <= ncols; col += 3 * W)
-    micro<T, MB, 3>(K, a, a_rs, a_ks, packed ? b + col * K : b + col, packed ? 3 * W : ldb, c + col, ldc, init,
-                    bias ? bias + col : nullptr);
-  if (ncols - col == 2 * W)
-    micro<T, MB, 2>(K, a, a_rs, a_ks, packed ? b + col * K : b + col, packed ? 2 * W : ldb, c + col, ldc, init,
-                    bias ? bias + col : nullptr);
-  else if (ncols - col == W)
-    micro<T, MB, 1>(K, a, a_rs, a_ks, packed ? b + col * K : b + col, packed ? W : ldb, c + col, ldc, init,
-                    bias ? bias + col : nullptr);
+  if (nv == 3) micro<T, MB, 3>(K, a, a_rs, a_ks, b, ldb, c, ldc, init, bias);
+  else if (nv == 2) micro<T, MB, 2>(K, a, a_rs, a_ks, b, ldb, c, ldc, init, bias);
+  else micro<T, MB, 1>(K, a, a_rs, a_ks, b, ldb, c, ldc, init, bias);
 }
 
 // C (M x ncols) (=|+=) A (M x K) @ B (K x ncols); ncols a multiple of the vector width.
+// Column panels outside, rows inside: one panel of B (K x 3 vectors) stays in L1 while all rows
+// of A pass over it.
 template <typename T>
 inline void gemm(int64_t M, int64_t K, int64_t ncols, const T* a, int64_t a_rs, int64_t a_ks, const T* b,
                  int64_t ldb, T* c, int64_t ldc, int init, const T* bias = nullptr) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
-    gemm_rows<T, 4>(K, ncols, a + m * a_rs, a_rs, a_ks, b, ldb, c + m * ldc, ldc, init, bias);
-  for (; m < M; ++m)
-    gemm_rows<T, 1>(K, ncols, a + m * a_rs, a_rs, a_ks, b, ldb, c + m * ldc, ldc, init, bias);
+  constexpr int W = kW<T>;
+  const bool packed = ldb == kPacked;
+  for (int64_t col = 0; col < ncols; col += 3 * W) {
+    const int64_t width = std::min<int64_t>(3 * W, ncols - col);
+    const int nv = static_cast<int>(width / W);
+    const T* bc = packed ? b + col * K : b + col;
+    const int64_t lb = packed ? width : ldb;
+    const T* bias_c = bias ? bias + col : nullptr;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      micro_any<T, 4>(nv, K, a + m * a_rs, a_rs, a_ks, bc, lb, c + m * ldc + col, ldc, init, bias_c);
+    for (; m < M; ++m)
+      micro_any<T, 1>(nv, K, a + m * a_rs, a_rs, a_ks, bc, lb, c + m * ldc + col, ldc, init, bias_c);
+  }
 }
 
 // Row-major (K x ncols) -> the panel layout `gemm` reads with ldb == kPacked.
@@ -142,6 +144,7 @@ std::vector<T> pack_panels(const std::vector<T>& src, int64_t K, int64_t ncols) 
 template <typename T>
 struct Problem {
   int64_t B, N, L, C, S, CS, ND, Np, NNp, CSp, NDp;
+  int64_t group;        // sequences per task: their S x N x N matrices fill about 128 KiB
   int64_t ldP;          // row stride of the (S, N*Np) scratch matrices: not a multiple of 4 KiB
   std::vector<T> wt;    // (ND, N*Np): wt[k][i*Np + j] = W[i*N + j][k], j padded with 0; packed panels
   std::vector<T> bp;    // (N*Np):     bias, j padded with 0
@@ -154,6 +157,7 @@ struct Problem {
     CS = C / S; ND = r2.size(1);
     Np = round_up(N, W); NNp = N * Np; CSp = round_up(CS, W); NDp = round_up(ND, W);
     ldP = NNp % 256 == 0 ? NNp + W : NNp;
+    group = std::max<int64_t>(1, (int64_t(1) << 15) / (S * ldP));
     const T* w = weight.data_ptr<T>();
     const T* bb = bias.data_ptr<T>();
     wt.assign(ND * NNp, T(0));
@@ -174,14 +178,15 @@ struct Problem {
   }
 };
 
-// P (S, N, Np) of sequence `seq`: generator GEMM into P, then the softmax over i, vectorised
-// along j. Padded columns j >= N hold softmax(0) and are never read back as results.
+// P (G*S, N, Np) of sequences seq0 .. seq0+G-1: one generator GEMM for the group into P, then
+// the softmax over i, vectorised along j. Padded columns j >= N hold softmax(0) and are never
+// read back as results.
 template <typename T>
-void mixing_matrices(const Problem<T>& p, const T* r, int64_t seq, T* P) {
+void mixing_matrices(const Problem<T>& p, const T* r, int64_t seq0, int64_t G, T* P) {
   const int64_t N = p.N, Np = p.Np, NNp = p.NNp, ldP = p.ldP;
-  gemm<T>(p.S, p.ND, NNp, r + seq * p.S * p.ND, p.ND, 1, p.wt.data(), kPacked, P, ldP, 1, p.bp.data());
+  gemm<T>(G * p.S, p.ND, NNp, r + seq0 * p.S * p.ND, p.ND, 1, p.wt.data(), kPacked, P, ldP, 1, p.bp.data());
   constexpr int W = kW<T>;
-  for (int64_t s = 0; s < p.S; ++s) {
+  for (int64_t s = 0; s < G * p.S; ++s) {
     T* Ps = P + s * ldP;
     for (int64_t j = 0; j < Np; j += W) {
       vec<T> mx = vload(Ps + j);
@@ -242,23 +247,28 @@ void forward_impl(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& 
   T* o = out.data_ptr<T>();
   const int64_t sxb = x4.stride(0), sxn = x4.stride(1), sxl = x4.stride(2);
   const int64_t sob = out.stride(0), son = out.stride(1), sol = out.stride(2);
-  const int64_t scratch = p.S * p.ldP + 2 * p.N * p.CSp;
-  at::parallel_for(0, p.B * p.L, 1, [&](int64_t begin, int64_t end) {
+  const int64_t G = p.group, nseq = p.B * p.L;
+  const int64_t scratch = G * p.S * p.ldP + 2 * p.N * p.CSp;
+  at::parallel_for(0, (nseq + G - 1) / G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(scratch);
     T* P = buf.data();
-    T* xbuf = P + p.S * p.ldP;
+    T* xbuf = P + G * p.S * p.ldP;
     T* obuf = xbuf + p.N * p.CSp;
-    for (int64_t seq = begin; seq < end; ++seq) {
-      const int64_t b = seq / p.L, l = seq % p.L;
-      mixing_matrices<T>(p, r, seq, P);
-      for (int64_t s = 0; s < p.S; ++s) {
-        int64_t ldx;
-        const T* xs = block_in<T>(x + b * sxb + l * sxl + s * p.CS, sxn, p, xbuf, ldx);
-        T* os = o + b * sob + l * sol + s * p.CS;
-        const bool direct = p.CS == p.CSp;
-        // out[j, :] = sum_i P[s, i, j] x[i, :]: rows j, reduction over i
-        gemm<T>(p.N, p.N, p.CSp, P + s * p.ldP, 1, p.Np, xs, ldx, direct ? os : obuf, direct ? son : p.CSp, 0);
-        if (!direct) block_out<T>(obuf, p, os, son);
+    for (int64_t grp = begin; grp < end; ++grp) {
+      const int64_t seq0 = grp * G, gn = std::min(G, nseq - seq0);
+      mixing_matrices<T>(p, r, seq0, gn, P);
+      for (int64_t q = 0; q < gn; ++q) {
+        const int64_t b = (seq0 + q) / p.L, l = (seq0 + q) % p.L;
+        for (int64_t s = 0; s < p.S; ++s) {
+          int64_t ldx;
+          const T* xs = block_in<T>(x + b * sxb + l * sxl + s * p.CS, sxn, p, xbuf, ldx);
+          T* os = o + b * sob + l * sol + s * p.CS;
+          const bool direct = p.CS == p.CSp;
+          // out[j, :] = sum_i P[s, i, j] x[i, :]: rows j, reduction over i
+          gemm<T>(p.N, p.N, p.CSp, P + (q * p.S + s) * p.ldP, 1, p.Np, xs, ldx, direct ? os : obuf,
+                  direct ? son : p.CSp, 0);
+          if (!direct) block_out<T>(obuf, p, os, son);
+        }
       }
     }
   });
@@ -284,69 +294,73 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
   // per-thread accumulators of the generator's gradients, padded layout (N*Np, NDp) and (N*Np)
   const int nthreads = std::max(1, at::get_num_threads());
   std::vector<T> dw_acc(need_params ? nthreads * (NNp * NDp + NNp) : 0, T(0));
-  const int64_t scratch = 2 * S * ldP + 3 * N * CSp + CSp * Np + S * NDp;
-  at::parallel_for(0, p.B * p.L, 1, [&](int64_t begin, int64_t end) {
+  const int64_t G = p.group, nseq = p.B * p.L;
+  const int64_t scratch = 2 * G * S * ldP + 3 * N * CSp + CSp * Np + G * S * NDp;
+  at::parallel_for(0, (nseq + G - 1) / G, 1, [&](int64_t begin, int64_t end) {
     const int tid = std::min(at::get_thread_num(), nthreads - 1);
     std::vector<T> buf(scratch, T(0));
     T* P = buf.data();
-    T* dl = P + S * ldP;                    // dP, then the logits' gradient, (S, N, Np)
-    T* xbuf = dl + S * ldP;
+    T* dl = P + G * S * ldP;                // dP, then the logits' gradient, (G*S, N, Np)
+    T* xbuf = dl + G * S * ldP;
     T* gbuf = xbuf + N * CSp;
     T* obuf = gbuf + N * CSp;
     T* gt = obuf + N * CSp;                 // (CSp, Np): one segment's gradient transposed
-    T* rbuf = gt + CSp * Np;                // (S, NDp): the sequence's reduced features, padded
+    T* rbuf = gt + CSp * Np;                // (G*S, NDp): the group's reduced features, padded
     T* dw = need_params ? dw_acc.data() + tid * (NNp * NDp + NNp) : nullptr;
     T* db = need_params ? dw + NNp * NDp : nullptr;
-    for (int64_t seq = begin; seq < end; ++seq) {
-      const int64_t b = seq / p.L, l = seq % p.L;
-      mixing_matrices<T>(p, r, seq, P);
-      for (int64_t s = 0; s < S; ++s) {
-        int64_t ldg, ldx;
-        const T* gs = block_in<T>(g + b * sgb + l * sgl + s * CS, sgn, p, gbuf, ldg);
-        const T* Ps = P + s * ldP;
-        if (need_x) {   // dx[i, :] = sum_j P[s, i, j] g[j, :]
-          T* ds = dxp + b * sdb + l * sdl + s * CS;
-          const bool direct = CS == CSp;
-          gemm<T>(N, N, CSp, Ps, Np, 1, gs, ldg, direct ? ds : obuf, direct ? sdn : CSp, 0);
-          if (!direct) block_out<T>(obuf, p, ds, sdn);
-        }
-        if (need_params) {   // dP[i, j] = x[i, :] . g[j, :]; then the softmax's backward over i
-          const T* xs = block_in<T>(x + b * sxb + l * sxl + s * CS, sxn, p, xbuf, ldx);
-          for (int64_t c = 0; c < CS; ++c)
-            for (int64_t j = 0; j < N; ++j) gt[c * Np + j] = gs[j * ldg + c];
-          T* ds = dl + s * ldP;
-          gemm<T>(N, CS, Np, xs, ldx, 1, gt, Np, ds, Np, 0);
-          constexpr int W = kW<T>;
-          for (int64_t j = 0; j < Np; j += W) {
-            vec<T> dot = vsplat<T>(0);
-            for (int64_t i = 0; i < N; ++i) dot += vload(Ps + i * Np + j) * vload(ds + i * Np + j);
-            for (int64_t i = 0; i < N; ++i)
-              vstore(ds + i * Np + j, vload(Ps + i * Np + j) * (vload(ds + i * Np + j) - dot));
+    for (int64_t grp = begin; grp < end; ++grp) {
+      const int64_t seq0 = grp * G, gn = std::min(G, nseq - seq0), rows = gn * S;
+      mixing_matrices<T>(p, r, seq0, gn, P);
+      for (int64_t q = 0; q < gn; ++q) {
+        const int64_t b = (seq0 + q) / p.L, l = (seq0 + q) % p.L;
+        for (int64_t s = 0; s < S; ++s) {
+          int64_t ldg, ldx;
+          const T* gs = block_in<T>(g + b * sgb + l * sgl + s * CS, sgn, p, gbuf, ldg);
+          const T* Ps = P + (q * S + s) * ldP;
+          if (need_x) {   // dx[i, :] = sum_j P[s, i, j] g[j, :]
+            T* ds = dxp + b * sdb + l * sdl + s * CS;
+            const bool direct = CS == CSp;
+            gemm<T>(N, N, CSp, Ps, Np, 1, gs, ldg, direct ? ds : obuf, direct ? sdn : CSp, 0);
+            if (!direct) block_out<T>(obuf, p, ds, sdn);
           }
-          for (int64_t i = 0; i < N; ++i)
-            for (int64_t j = N; j < Np; ++j) ds[i * Np + j] = T(0);
+          if (need_params) {   // dP[i, j] = x[i, :] . g[j, :]; then the softmax's backward over i
+            const T* xs = block_in<T>(x + b * sxb + l * sxl + s * CS, sxn, p, xbuf, ldx);
+            for (int64_t c = 0; c < CS; ++c)
+              for (int64_t j = 0; j < N; ++j) gt[c * Np + j] = gs[j * ldg + c];
+            T* ds = dl + (q * S + s) * ldP;
+            gemm<T>(N, CS, Np, xs, ldx, 1, gt, Np, ds, Np, 0);
+            constexpr int W = kW<T>;
+            for (int64_t j = 0; j < Np; j += W) {
+              vec<T> dot = vsplat<T>(0);
+              for (int64_t i = 0; i < N; ++i) dot += vload(Ps + i * Np + j) * vload(ds + i * Np + j);
+              for (int64_t i = 0; i < N; ++i)
+                vstore(ds + i * Np + j, vload(Ps + i * Np + j) * (vload(ds + i * Np + j) - dot));
+            }
+            for (int64_t i = 0; i < N; ++i)
+              for (int64_t j = N; j < Np; ++j) ds[i * Np + j] = T(0);
+          }
         }
       }
       if (need_params) {
-        // dr2[seq*S + s, :] = dl[s] @ W   (padded rows of wp are zero)
+        // dr2[seq*S + s, :] = dl[s] @ W for the group's rows (padded rows of wp are zero)
         const bool direct = ND == NDp;
-        T* dr = drp + seq * S * ND;
-        gemm<T>(S, NNp, NDp, dl, ldP, 1, p.wp.data(), kPacked, direct ? dr : rbuf, direct ? ND : NDp, 0);
+        T* dr = drp + seq0 * S * ND;
+        gemm<T>(rows, NNp, NDp, dl, ldP, 1, p.wp.data(), kPacked, direct ? dr : rbuf, direct ? ND : NDp, 0);
         if (!direct)
-          for (int64_t s = 0; s < S; ++s) std::memcpy(dr + s * ND, rbuf + s * NDp, ND * sizeof(T));
+          for (int64_t s = 0; s < rows; ++s) std::memcpy(dr + s * ND, rbuf + s * NDp, ND * sizeof(T));
         // dW += dl^T @ R ; db += column sums of dl
-        const T* rs = r + seq * S * ND;
+        const T* rs = r + seq0 * S * ND;
         int64_t ldr = ND;
         if (!direct) {
-          for (int64_t s = 0; s < S; ++s) {
+          for (int64_t s = 0; s < rows; ++s) {
             std::memcpy(rbuf + s * NDp, rs + s * ND, ND * sizeof(T));
             std::fill(rbuf + s * NDp + ND, rbuf + (s + 1) * NDp, T(0));
           }
           rs = rbuf;
           ldr = NDp;
         }
-        gemm<T>(NNp, S, NDp, dl, 1, ldP, rs, ldr, dw, NDp, 2);
-        for (int64_t s = 0; s < S; ++s)
+        gemm<T>(NNp, rows, NDp, dl, 1, ldP, rs, ldr, dw, NDp, 2);
+        for (int64_t s = 0; s < rows; ++s)
           for (int64_t n = 0; n < NNp; n += kW<T>) vstore(db + n, vload(db + n) + vload(dl + s * ldP + n));
       }
     }
