@@ -189,3 +189,22 @@ def test_without_compiler_says_so_once(monkeypatch):
     assert 'no-such-compiler-dynamixer' in cpu_kernels.build_error()
     with pytest.raises(RuntimeError, match='unavailable'):
         cpu_kernels.cpp_mix_forward(torch.zeros(1, 2, 1, 2), torch.zeros(1, 2), torch.zeros(4, 2), torch.zeros(4), 1)
+
+
+def test_two_threads_equal_one(kernels):
+    """Per-thread gradient accumulators and parallel sequence groups: same result with 2 threads."""
+    b, n, l, c, s, d = 3, 16, 5, 32, 4, 2
+    t = _inputs(b, n, l, c, s, d, dtype=torch.float32)
+    r2 = torch.randn(b * l * s, n * d)
+    gy = torch.randn(b, n, l, c)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            args = [a.clone().requires_grad_() for a in (t['x'], r2, t['wg'], t['bg'])]
+            y = kernels.cpp_dynamic_mix(*args, s)
+            results.append([y, *torch.autograd.grad(y, args, gy)])
+        finally:
+            torch.set_num_threads(1)
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)
