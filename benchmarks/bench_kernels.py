@@ -6,7 +6,9 @@ ratios to the reference:
 * ``reference``: benchmarks/baseline.py, the straightforward implementation;
 * ``library``: the eager fast path (fast_mixing / fast_mlp);
 * ``kernels``: the same with the mixing through the C++ kernels (and, with --kernels-all-sizes,
-  also for sequences under 16 tokens, e.g. dynamixer_nano's grids);
+  also for sequences under 16 tokens, e.g. dynamixer_nano's grids) and the training MLP's
+  GELU + GELU backward fused (`CppRecomputeGeluMlp`);
+* ``mixkernel``: only the mixing through the kernels (with --split);
 * ``compiled``: torch.compile of the library model (unless --no-compile).
 
 Measures inference (batch 16), the training step (batch 8, forward + loss + backward + AdamW) and
@@ -36,16 +38,19 @@ from dynamixer.ops import cpu_kernels  # noqa: E402
 
 
 @contextlib.contextmanager
-def kernels_on(all_sizes: bool) -> Iterator[None]:
-    """Route the model's mixing through the C++ kernels for the duration of the block."""
-    saved = dm.DynamicMix, dm.dynamic_mix_forward, dm.FAST_PATH_MIN_TOKENS
+def kernels_on(all_sizes: bool, mixing_only: bool = False) -> Iterator[None]:
+    """Route the model's mixing (and, unless mixing_only, the training MLP's GELU backward)
+    through the C++ kernels for the duration of the block."""
+    saved = dm.DynamicMix, dm.dynamic_mix_forward, dm.FAST_PATH_MIN_TOKENS, dm.RecomputeGeluMlp
     dm.DynamicMix, dm.dynamic_mix_forward = cpu_kernels.CppDynamicMix, cpu_kernels.cpp_mix_forward
+    if not mixing_only:
+        dm.RecomputeGeluMlp = cpu_kernels.CppRecomputeGeluMlp
     if all_sizes:
         dm.FAST_PATH_MIN_TOKENS = 1
     try:
         yield
     finally:
-        dm.DynamicMix, dm.dynamic_mix_forward, dm.FAST_PATH_MIN_TOKENS = saved
+        dm.DynamicMix, dm.dynamic_mix_forward, dm.FAST_PATH_MIN_TOKENS, dm.RecomputeGeluMlp = saved
 
 
 def _wall(fn: Callable[[], object]) -> float:
@@ -67,10 +72,13 @@ def bench(name: str, threads: int, args) -> Dict:
     macs_t = count_macs(ref.train(), x2[:1], backward=True)
 
     models = {'reference': ref, 'library': lib, 'kernels': lib}
+    if args.split:
+        models['mixkernel'] = lib
     if args.compile:
         models['compiled'] = torch.compile(lib)
-    ctx = {k: (lambda: kernels_on(args.kernels_all_sizes)) if k == 'kernels' else contextlib.nullcontext
-           for k in models}
+    ctx = {k: contextlib.nullcontext for k in models}
+    ctx['kernels'] = lambda: kernels_on(args.kernels_all_sizes)
+    ctx['mixkernel'] = lambda: kernels_on(args.kernels_all_sizes, mixing_only=True)
     xi, x1 = torch.randn(args.infer_batch, 3, *img), torch.randn(1, 3, *img)
 
     def infer(m, k, x):
@@ -85,6 +93,8 @@ def bench(name: str, threads: int, args) -> Dict:
             fns[f'infer/{k}'] = infer(m, k, xi)
     if not args.latency_only:
         train_models = {'reference': baseline_model(lib), 'library': _copy(lib), 'kernels': _copy(lib)}
+        if args.split:
+            train_models['mixkernel'] = _copy(lib)
         if args.compile:
             train_models['compiled'] = torch.compile(_copy(lib))
         for k, m in train_models.items():
@@ -133,6 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--no-compile', dest='compile', action='store_false')
     p.add_argument('--kernels-all-sizes', action='store_true',
                    help='the kernels also for sequences under 16 tokens (FAST_PATH_MIN_TOKENS = 1)')
+    p.add_argument('--split', action='store_true', help='also the mixing kernel alone (variant mixkernel)')
     args = p.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit(f'the CPU kernels are unavailable: {cpu_kernels.build_error()}')

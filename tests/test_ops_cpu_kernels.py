@@ -140,6 +140,7 @@ def _use_kernels(monkeypatch, kernels):
     monkeypatch.setattr(dm, 'DynamicMix', kernels.CppDynamicMix)
     monkeypatch.setattr(dm, 'dynamic_mix_forward', kernels.cpp_mix_forward)
     monkeypatch.setattr(dm, 'FAST_PATH_MIN_TOKENS', 1)
+    monkeypatch.setattr(dm, 'RecomputeGeluMlp', kernels.CppRecomputeGeluMlp)
 
 
 def _rel(a, b):
@@ -208,3 +209,29 @@ def test_two_threads_equal_one(kernels):
             torch.set_num_threads(1)
     for a, b_ in zip(*results):
         torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_gelu_pair(kernels, dtype):
+    h = torch.randn(1000, 37, dtype=dtype) * 3                         # 37000: not a multiple of 8
+    h[0, :6] = torch.tensor([0.0, -0.0, 1e-8, -30.0, 30.0, -5.0])
+    dy = torch.randn_like(h)
+    g, dh = kernels.cpp_gelu_pair(h, dy)
+    exact_g = torch.nn.functional.gelu(h.double())
+    exact_dh = torch.ops.aten.gelu_backward(dy.double(), h.double())
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    assert _rel(g, exact_g) <= tol and _rel(dh, exact_dh) <= tol
+
+
+def test_recompute_gelu_mlp(kernels):
+    from dynamixer.fast_mlp import RecomputeGeluMlp
+    args = [torch.randn(9, 6), torch.randn(10, 6), torch.randn(10), torch.randn(6, 10), torch.randn(6)]
+    args = [a.double().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *a: kernels.CppRecomputeGeluMlp.apply(*a, 'none'), args)
+    for approximate in ('none', 'tanh'):
+        y = kernels.CppRecomputeGeluMlp.apply(*args, approximate)
+        y_ref = RecomputeGeluMlp.apply(*args, approximate)
+        gy = torch.randn_like(y)
+        torch.testing.assert_close(y, y_ref)
+        for a, b_ in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(y_ref, args, gy)):
+            torch.testing.assert_close(a, b_)

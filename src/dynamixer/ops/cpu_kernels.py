@@ -17,6 +17,7 @@ The choice is part of the module's name, so a cache shared between different mac
 loads a binary built for another CPU. When no compiler is found or the build fails,
 `available()` is False, a warning says so once, and the eager path runs.
 """
+import hashlib
 import logging
 import os
 import shutil
@@ -24,12 +25,15 @@ import warnings
 from typing import Any, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ['available', 'build_error', 'cpp_mix_forward', 'cpp_dynamic_mix', 'CppDynamicMix']
+__all__ = ['available', 'build_error', 'cpp_mix_forward', 'cpp_dynamic_mix', 'CppDynamicMix', 'cpp_gelu_pair',
+           'CppRecomputeGeluMlp']
 
 _log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
-_SOURCES = ['mixing.cpp']
+_SOURCES = ['mixing.cpp', 'gelu.cpp']
+_HEADERS = ['vec.h']
 
 _module: Any = None
 _error: Optional[str] = None
@@ -54,13 +58,15 @@ def _build() -> Any:
     if shutil.which(compiler.split()[0]) is None:
         raise RuntimeError(f'no C++ compiler ({compiler!r}) on PATH')
     tag, isa = _isa_flags()
-    flags = ['-O3', '-ffp-contract=fast', '-Wno-psabi'] + isa
+    # the headers' digest is a build argument, so that editing only a header also rebuilds
+    digest = hashlib.sha1(b''.join(open(os.path.join(_CSRC, h), 'rb').read() for h in _HEADERS)).hexdigest()[:12]
+    flags = ['-O3', '-ffp-contract=fast', '-Wno-psabi', f'-DDYNAMIXER_HEADERS={digest}'] + isa
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')          # e.g. "No CUDA runtime is found" on CPU machines
         return cpp_extension.load(
             name=f'dynamixer_cpu_kernels_{tag}',
             sources=[os.path.join(_CSRC, s) for s in _SOURCES],
-            extra_cflags=flags, verbose=False)
+            extra_cflags=flags, extra_include_paths=[_CSRC], verbose=False)
 
 
 def _load() -> Any:
@@ -134,3 +140,46 @@ def cpp_dynamic_mix(x4: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, bi
                     s: int) -> torch.Tensor:
     """Differentiable fused mixing, (B, N, L, C) -> (B, N, L, C); see the module docstring."""
     return CppDynamicMix.apply(x4, r2, weight, bias, s)
+
+
+def cpp_gelu_pair(h: torch.Tensor, dy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(h), dy * GELU'(h)) in one pass over h (exact-erf GELU; float32 erf to 1.5e-7)."""
+    g, dh = _ext().gelu_pair(h, dy)
+    return g, dh
+
+
+class CppRecomputeGeluMlp(torch.autograd.Function):
+    """fc2(GELU(fc1(x))) storing x and fc1's output h only, like `fast_mlp.RecomputeGeluMlp`; its
+    backward recomputes GELU(h) and takes the GELU's gradient in one pass (`cpp_gelu_pair`)
+    instead of two (exact GELU; the tanh approximation uses the eager ops).
+
+    Inputs: x (M, C), fc1 weight (H, C) and bias (H), fc2 weight (C, H) and bias (C), `approximate`.
+    Output (M, C).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                approximate: str) -> torch.Tensor:
+        h = torch.addmm(b1, x, w1.t())
+        out = torch.addmm(b2, F.gelu(h, approximate=approximate), w2.t())
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.approximate = approximate
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, h, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        dout = dout.contiguous()
+        dg = dout.mm(w2)
+        if ctx.approximate == 'none':
+            g, dh = cpp_gelu_pair(h, dg)
+        else:
+            g = F.gelu(h, approximate=ctx.approximate)
+            dh = torch.ops.aten.gelu_backward(dg, h, approximate=ctx.approximate)
+        dw2 = dout.t().mm(g) if need_w2 else None
+        db2 = dout.sum(0) if need_b2 else None
+        dw1 = dh.t().mm(x) if need_w1 else None
+        db1 = dh.sum(0) if need_b1 else None
+        dx = dh.mm(w1) if need_x else None
+        return dx, dw1, db1, dw2, db2, None
