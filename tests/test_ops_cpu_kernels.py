@@ -235,3 +235,32 @@ def test_recompute_gelu_mlp(kernels):
         torch.testing.assert_close(y, y_ref)
         for a, b_ in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(y_ref, args, gy)):
             torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.slow
+def test_portable_build(tmp_path):
+    """The build without -mavx2 -mfma (CPUs without AVX2) compiles and computes the same; a fresh
+    process, as the ISA is chosen once per process (about a minute to build)."""
+    import subprocess
+    import sys
+    if shutil.which(os.environ.get('CXX', 'c++').split()[0]) is None:
+        pytest.skip('no C++ compiler on PATH')
+    code = (
+        'import sys, torch; sys.path.insert(0, "tests")\n'
+        'from dynamixer.ops import cpu_kernels as k\n'
+        'from dynamixer.fast_mixing import DynamicMix\n'
+        'assert k.available(), k.build_error()\n'
+        'assert k._module.__name__.endswith("portable")\n'
+        'args = [torch.randn(2, 12, 3, 40, dtype=torch.float64), torch.randn(24, 24, dtype=torch.float64),\n'
+        '        torch.randn(144, 24, dtype=torch.float64), torch.randn(144, dtype=torch.float64)]\n'
+        'for dt in (torch.float64, torch.float32):\n'
+        '    a = [t.to(dt).requires_grad_() for t in args]\n'
+        '    y, y_ref = k.cpp_dynamic_mix(*a, 4), DynamicMix.apply(*a, 4)\n'
+        '    gy = torch.randn_like(y)\n'
+        '    for u, v in zip([y, *torch.autograd.grad(y, a, gy)], [y_ref, *torch.autograd.grad(y_ref, a, gy)]):\n'
+        '        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)\n')
+    env = dict(os.environ, DYNAMIXER_CPU_KERNELS_ISA='portable')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, '-c', code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -12,7 +12,8 @@ Build: the sources in ``csrc/`` are compiled with the system C++ compiler the fi
 `available()` (or a kernel) is called, into PyTorch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes load the
 cached module. The instruction set is chosen from the running CPU (`torch.backends.cpu.
-get_cpu_capability()`): AVX2/AVX-512 CPUs get ``-mavx2 -mfma``, others a portable ``-O3`` build.
+get_cpu_capability()`): AVX2/AVX-512 CPUs get ``-mavx2 -mfma``, others a portable ``-O3`` build
+(``DYNAMIXER_CPU_KERNELS_ISA=portable`` forces the portable one).
 The choice is part of the module's name, so a cache shared between different machines never
 loads a binary built for another CPU. When no compiler is found or the build fails,
 `available()` is False, a warning says so once, and the eager path runs.
@@ -41,7 +42,10 @@ _tried = False
 
 
 def _isa_flags() -> Tuple[str, List[str]]:
-    """(tag, compiler flags) for the running CPU; the tag goes into the module's cache name."""
+    """(tag, compiler flags) for the running CPU; the tag goes into the module's cache name.
+    DYNAMIXER_CPU_KERNELS_ISA=portable forces the build without -mavx2 (to test it)."""
+    if os.environ.get('DYNAMIXER_CPU_KERNELS_ISA', '') == 'portable':
+        return 'portable', []
     machine = os.uname().machine if hasattr(os, 'uname') else ''
     if machine in ('x86_64', 'AMD64'):
         cap = torch.backends.cpu.get_cpu_capability()

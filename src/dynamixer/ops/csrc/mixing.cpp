@@ -5,18 +5,26 @@
 // N tokens' d features token-major; the generator's weight (N*N, N*d) and bias (N*N) have rows
 // [input token i, output token j].
 //
-// Per sequence, all S segments (one task of at::parallel_for):
+// Per sequence, all S segments:
 //   logits[s, i, j] = r2[seq*S + s] . W[i*N + j] + bias[i*N + j]       (S x N*d x N*N GEMM)
 //   P[s, :, j]      = softmax over i of logits[s, :, j]
 //   out[j, s-th channel block] = sum_i P[s, i, j] x[i, s-th channel block]
-// The S x N x N matrices live in a per-thread scratch buffer (32 KiB for N = 32, S = 8) that is
-// reused from sequence to sequence; they are never written to a tensor. Backward recomputes them.
+// One task of at::parallel_for takes a group of consecutive sequences (their S x N x N matrices
+// about 128 KiB, e.g. 4 sequences for N = 32, S = 8), so that one generator GEMM serves the group
+// and each panel of the generator's weight is read from L2 once per group, not per sequence. The
+// matrices live in a per-thread scratch buffer reused from group to group; they are never
+// written to a tensor. Backward recomputes them, and accumulates the generator's gradients in
+// per-thread buffers that are summed at the end.
 //
-// Vectorisation: GCC/Clang vector extensions of 32 bytes (8 floats or 4 doubles). With -mavx2
-// -mfma they compile to AVX2 FMAs; without (the portable build) the compiler lowers them to SSE2
-// pairs or scalars. Which flags the module was built with is chosen in Python from the running
-// CPU and is part of the module's cache name. The j axis (output tokens) is padded to a multiple
-// of the vector width inside the scratch buffers, so N need not be a multiple of it.
+// GEMMs: a register-blocked micro-kernel (4 rows x 3 vectors of accumulators, broadcast A, vector
+// B); the generator's weight is packed into column panels once per call.
+//
+// Vectorisation: GCC/Clang vector extensions of 32 bytes (vec.h). With -mavx2 -mfma they compile
+// to AVX2 FMAs; without (the portable build) the compiler lowers them to SSE2 pairs or scalars.
+// Which flags the module was built with is chosen in Python from the running CPU and is part of
+// the module's cache name. The j axis (output tokens) is padded to a multiple of the vector width
+// inside the scratch buffers, so N need not be a multiple of it; channel blocks (C/S) and the
+// reduced width (N*d) are padded likewise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -125,6 +133,8 @@ struct Problem {
     Np = round_up(N, W); NNp = N * Np; CSp = round_up(CS, W); NDp = round_up(ND, W);
     ldP = NNp % 256 == 0 ? NNp + W : NNp;
     group = std::max<int64_t>(1, (int64_t(1) << 15) / (S * ldP));
+    // but at least two groups per thread, so that small batches still use every thread
+    group = std::max<int64_t>(1, std::min<int64_t>(group, B * L / (2 * std::max(1, at::get_num_threads()))));
     const T* w = weight.data_ptr<T>();
     const T* bb = bias.data_ptr<T>();
     wt.assign(ND * NNp, T(0));
