@@ -264,3 +264,19 @@ def test_portable_build(tmp_path):
     res = subprocess.run([sys.executable, '-c', code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_bench_kernels_smoke(kernels, capsys):
+    import sys
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+    sys.path.insert(0, bench)
+    try:
+        import bench_kernels
+        assert bench_kernels.main(['--models', 'dynamixer_nano', '--threads', '1', '--rounds', '1', '--warmup', '0',
+                                   '--no-compile', '--infer-batch', '2', '--train-batch', '2', '--split']) == 0
+    finally:
+        sys.path.remove(bench)
+        torch.set_num_threads(1)
+    out = capsys.readouterr().out
+    for row in ('| infer | kernels |', '| train | kernels |', '| latency | mixkernel |'):
+        assert row in out
