@@ -71,6 +71,7 @@ inline void micro(int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b,
 // column `col` starting at b + col * K (`pack_panels`). Packing matters for the generator's weight:
 // its rows are 4 KiB apart for N = 32, and reading a column block down them thrashes L1's sets.
 constexpr int64_t kPacked = -1;
+constexpr int64_t kKBlock = 256;   // 256 x 3 vectors of B: 24 KiB in float32
 
 template <typename T, int MB>
 inline void micro_any(int nv, int64_t K, const T* a, int64_t a_rs, int64_t a_ks, const T* b, int64_t ldb,
@@ -94,11 +95,18 @@ inline void gemm(int64_t M, int64_t K, int64_t ncols, const T* a, int64_t a_rs, 
     const T* bc = packed ? b + col * K : b + col;
     const int64_t lb = packed ? width : ldb;
     const T* bias_c = bias ? bias + col : nullptr;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      micro_any<T, 4>(nv, K, a + m * a_rs, a_rs, a_ks, bc, lb, c + m * ldc + col, ldc, init, bias_c);
-    for (; m < M; ++m)
-      micro_any<T, 1>(nv, K, a + m * a_rs, a_rs, a_ks, bc, lb, c + m * ldc + col, ldc, init, bias_c);
+    // long reductions (the backward's K = N*Np) in blocks whose panel part stays in L1
+    for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+      const int64_t kb = std::min(kKBlock, K - k0);
+      const T* ak = a + k0 * a_ks;
+      const T* bk = bc + k0 * lb;
+      const int ini = k0 == 0 ? init : 2;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        micro_any<T, 4>(nv, kb, ak + m * a_rs, a_rs, a_ks, bk, lb, c + m * ldc + col, ldc, ini, bias_c);
+      for (; m < M; ++m)
+        micro_any<T, 1>(nv, kb, ak + m * a_rs, a_rs, a_ks, bk, lb, c + m * ldc + col, ldc, ini, bias_c);
+    }
   }
 }
 
