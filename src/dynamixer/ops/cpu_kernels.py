@@ -63,8 +63,11 @@ def _build() -> Any:
         raise RuntimeError(f'no C++ compiler ({compiler!r}) on PATH')
     tag, isa = _isa_flags()
     # the headers' digest is a build argument, so that editing only a header also rebuilds
-    digest = hashlib.sha1(b''.join(open(os.path.join(_CSRC, h), 'rb').read() for h in _HEADERS)).hexdigest()[:12]
-    flags = ['-O3', '-ffp-contract=fast', '-Wno-psabi', f'-DDYNAMIXER_HEADERS={digest}'] + isa
+    digest = hashlib.sha1()
+    for h in _HEADERS:
+        with open(os.path.join(_CSRC, h), 'rb') as f:
+            digest.update(f.read())
+    flags = ['-O3', '-ffp-contract=fast', '-Wno-psabi', f'-DDYNAMIXER_HEADERS={digest.hexdigest()[:12]}'] + isa
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')          # e.g. "No CUDA runtime is found" on CPU machines
         return cpp_extension.load(
