@@ -2,11 +2,11 @@
 //   gelu(h) = h * Phi(h),  dh = dy * (Phi(h) + h * phi(h)),  Phi(h) = (1 + erf(h / sqrt 2)) / 2,
 // with one exp(-h^2 / 2) serving both erf and phi. float: erf by Abramowitz & Stegun 7.1.26
 // (absolute error <= 1.5e-7), vectorised; double: std::erf / std::exp.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
-#include <vector>
-
+#include "kernels.h"
 #include "vec.h"
 
 using namespace dynamixer_vec;
@@ -51,11 +51,14 @@ inline void gelu_pair_scalar(const T* h, const T* dy, T* g, T* dh, int64_t n) {
 
 }  // namespace
 
-std::vector<at::Tensor> gelu_pair(const at::Tensor& h_in, const at::Tensor& dy_in) {
-  TORCH_CHECK(h_in.device().is_cpu() && h_in.sizes() == dy_in.sizes() && h_in.scalar_type() == dy_in.scalar_type(),
-              "h and dy must be CPU tensors of one shape and dtype");
-  const at::Tensor h = h_in.contiguous(), dy = dy_in.contiguous();
-  at::Tensor g = at::empty_like(h), dh = at::empty_like(h);
+namespace dynamixer {
+
+void gelu_pair_cpu(const at::TensorBase& h, const at::TensorBase& dy, const at::TensorBase& g,
+                   const at::TensorBase& dh) {
+  for (const at::TensorBase* t : {&dy, &g, &dh})
+    TORCH_CHECK(t->sizes() == h.sizes() && t->scalar_type() == h.scalar_type() && t->is_contiguous() &&
+                t->device().is_cpu(), "h, dy, g and dh must be contiguous CPU tensors of one shape and dtype");
+  TORCH_CHECK(h.is_contiguous() && h.device().is_cpu(), "h must be a contiguous CPU tensor");
   const int64_t n = h.numel();
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dynamixer_gelu_pair", [&] {
     const scalar_t* hp = h.data_ptr<scalar_t>();
@@ -67,5 +70,6 @@ std::vector<at::Tensor> gelu_pair(const at::Tensor& h_in, const at::Tensor& dy_i
       gelu_pair_scalar<scalar_t>(hp + i, dp + i, gp + i, op + i, end - i);
     });
   });
-  return {g, dh};
 }
+
+}  // namespace dynamixer

@@ -25,8 +25,9 @@
 // the module's cache name. The j axis (output tokens) is padded to a multiple of the vector width
 // inside the scratch buffers, so N need not be a multiple of it; channel blocks (C/S) and the
 // reduced width (N*d) are padded likewise.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +36,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace {
@@ -133,7 +135,8 @@ struct Problem {
   std::vector<T> bp;    // (N*Np):     bias, j padded with 0
   std::vector<T> wp;    // (N*Np, NDp): W, rows j and columns k padded with 0; packed panels (backward)
 
-  Problem(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& weight, const at::Tensor& bias, int64_t s,
+  Problem(const at::TensorBase& x4, const at::TensorBase& r2, const at::TensorBase& weight,
+          const at::TensorBase& bias, int64_t s,
           bool backward) {
     constexpr int W = kW<T>;
     B = x4.size(0); N = x4.size(1); L = x4.size(2); C = x4.size(3); S = s;
@@ -207,25 +210,9 @@ inline void block_out(const T* buf, const Problem<T>& p, T* dst, int64_t stride)
   for (int64_t i = 0; i < p.N; ++i) std::memcpy(dst + i * stride, buf + i * p.CSp, p.CS * sizeof(T));
 }
 
-void check_inputs(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& weight, const at::Tensor& bias,
-                  int64_t s) {
-  TORCH_CHECK(x4.dim() == 4 && x4.device().is_cpu(), "x4 must be a (B, N, L, C) CPU tensor");
-  TORCH_CHECK(x4.stride(3) == 1, "x4's channels must be contiguous");
-  const int64_t n = x4.size(1), c = x4.size(3);
-  TORCH_CHECK(s > 0 && c % s == 0, "C must be divisible by the number of segments");
-  TORCH_CHECK(n <= 256, "sequences of at most 256 tokens");
-  TORCH_CHECK(r2.is_contiguous() && r2.dim() == 2 && r2.size(0) == x4.size(0) * x4.size(2) * s,
-              "r2 must be contiguous (B*L*S, N*d)");
-  TORCH_CHECK(weight.is_contiguous() && weight.size(0) == n * n && weight.size(1) == r2.size(1),
-              "weight must be contiguous (N*N, N*d)");
-  TORCH_CHECK(bias.is_contiguous() && bias.numel() == n * n, "bias must be contiguous (N*N)");
-  for (const auto* t : {&r2, &weight, &bias})
-    TORCH_CHECK(t->scalar_type() == x4.scalar_type(), "x4, r2, weight and bias must share one dtype");
-}
-
 template <typename T>
-void forward_impl(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& weight, const at::Tensor& bias,
-                  int64_t s, at::Tensor& out) {
+void forward_impl(const at::TensorBase& x4, const at::TensorBase& r2, const at::TensorBase& weight,
+                  const at::TensorBase& bias, int64_t s, const at::TensorBase& out) {
   const Problem<T> p(x4, r2, weight, bias, s, false);
   const T* x = x4.data_ptr<T>();
   const T* r = r2.data_ptr<T>();
@@ -260,17 +247,15 @@ void forward_impl(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& 
 }
 
 template <typename T>
-std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& weight,
-                                      const at::Tensor& bias, const at::Tensor& grad, int64_t s, bool need_x,
-                                      bool need_params) {
+void backward_impl(const at::TensorBase& x4, const at::TensorBase& r2, const at::TensorBase& weight,
+                   const at::TensorBase& bias, const at::TensorBase& grad, int64_t s, const at::TensorBase& dx,
+                   const at::TensorBase& dr2, const at::TensorBase& dweight, const at::TensorBase& dbias) {
+  const bool need_x = dx.defined(), need_params = dr2.defined();
   const Problem<T> p(x4, r2, weight, bias, s, true);
   const int64_t N = p.N, Np = p.Np, NNp = p.NNp, CS = p.CS, CSp = p.CSp, S = p.S, ND = p.ND, NDp = p.NDp, ldP = p.ldP;
   const T* x = x4.data_ptr<T>();
   const T* r = r2.data_ptr<T>();
   const T* g = grad.data_ptr<T>();
-  at::Tensor dx = need_x ? at::empty(x4.sizes(), x4.options().memory_format(at::MemoryFormat::Contiguous))
-                         : at::Tensor();
-  at::Tensor dr2 = need_params ? at::empty_like(r2) : at::Tensor();
   T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
   T* drp = need_params ? dr2.data_ptr<T>() : nullptr;
   const int64_t sxb = x4.stride(0), sxn = x4.stride(1), sxl = x4.stride(2);
@@ -350,12 +335,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
       }
     }
   });
-  at::Tensor dweight, dbias;
   if (need_params) {
-    dweight = at::zeros_like(weight);
-    dbias = at::zeros_like(bias);
     T* dwp = dweight.data_ptr<T>();
     T* dbp = dbias.data_ptr<T>();
+    std::fill(dwp, dwp + N * N * ND, T(0));
+    std::fill(dbp, dbp + N * N, T(0));
     for (int t = 0; t < nthreads; ++t) {
       const T* dw = dw_acc.data() + t * (NNp * NDp + NNp);
       const T* db = dw + NNp * NDp;
@@ -368,42 +352,67 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x4, const at::Tensor& r2
         }
     }
   }
-  return {dx, dr2, dweight, dbias};
 }
 
 }  // namespace
 
-at::Tensor mix_forward(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& weight, const at::Tensor& bias,
-                       int64_t s, c10::optional<at::Tensor> out) {
-  check_inputs(x4, r2, weight, bias, s);
-  at::Tensor o = out.has_value() ? *out : at::empty(x4.sizes(), x4.options());
-  TORCH_CHECK(o.sizes() == x4.sizes() && o.stride(3) == 1 && o.scalar_type() == x4.scalar_type(),
-              "out must be (B, N, L, C) with contiguous channels");
+namespace dynamixer {
+
+void check_mix_inputs(const at::TensorBase& x4, const at::TensorBase& r2, const at::TensorBase& weight,
+                      const at::TensorBase& bias, int64_t s) {
+  TORCH_CHECK(x4.dim() == 4 && x4.device().is_cpu(), "x4 must be a (B, N, L, C) CPU tensor");
+  // (strides of an empty tensor do not matter: an empty batch's gradient may come broadcast)
+  TORCH_CHECK(x4.stride(3) == 1 || x4.numel() == 0, "x4's channels must be contiguous");
+  const int64_t n = x4.size(1), c = x4.size(3);
+  TORCH_CHECK(s > 0 && c % s == 0, "C must be divisible by the number of segments");
+  TORCH_CHECK(n >= 1 && n <= 256, "sequences of 1 to 256 tokens");
+  TORCH_CHECK(r2.is_contiguous() && r2.dim() == 2 && r2.size(0) == x4.size(0) * x4.size(2) * s,
+              "r2 must be contiguous (B*L*S, N*d)");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(0) == n * n && weight.size(1) == r2.size(1),
+              "weight must be contiguous (N*N, N*d)");
+  TORCH_CHECK(bias.is_contiguous() && bias.numel() == n * n, "bias must be contiguous (N*N)");
+  for (const at::TensorBase* t : {&r2, &weight, &bias})
+    TORCH_CHECK(t->scalar_type() == x4.scalar_type() && t->device().is_cpu(),
+                "x4, r2, weight and bias must share one dtype and be on the CPU");
+}
+
+void mix_forward_cpu(const at::TensorBase& x4, const at::TensorBase& r2, const at::TensorBase& weight,
+                     const at::TensorBase& bias, int64_t s, const at::TensorBase& out) {
+  check_mix_inputs(x4, r2, weight, bias, s);
+  TORCH_CHECK(out.sizes() == x4.sizes() && (out.stride(3) == 1 || out.numel() == 0) &&
+                  out.scalar_type() == x4.scalar_type(),
+              "out must be (B, N, L, C) with contiguous channels, in x4's dtype");
   AT_DISPATCH_FLOATING_TYPES(x4.scalar_type(), "dynamixer_mix_forward", [&] {
-    forward_impl<scalar_t>(x4, r2, weight, bias, s, o);
+    forward_impl<scalar_t>(x4, r2, weight, bias, s, out);
   });
-  return o;
 }
 
-// csrc/gelu.cpp
-std::vector<at::Tensor> gelu_pair(const at::Tensor& h, const at::Tensor& dy);
-
-std::vector<at::Tensor> mix_backward(const at::Tensor& x4, const at::Tensor& r2, const at::Tensor& weight,
-                                     const at::Tensor& bias, const at::Tensor& grad, int64_t s, bool need_x,
-                                     bool need_params) {
-  check_inputs(x4, r2, weight, bias, s);
-  TORCH_CHECK(grad.sizes() == x4.sizes() && grad.stride(3) == 1 && grad.scalar_type() == x4.scalar_type(),
+void mix_backward_cpu(const at::TensorBase& x4, const at::TensorBase& r2, const at::TensorBase& weight,
+                      const at::TensorBase& bias, const at::TensorBase& grad, int64_t s, const at::TensorBase& dx,
+                      const at::TensorBase& dr2, const at::TensorBase& dweight, const at::TensorBase& dbias) {
+  check_mix_inputs(x4, r2, weight, bias, s);
+  TORCH_CHECK(grad.sizes() == x4.sizes() && (grad.stride(3) == 1 || grad.numel() == 0) &&
+                  grad.scalar_type() == x4.scalar_type(),
               "grad must be (B, N, L, C) with contiguous channels");
-  std::vector<at::Tensor> res;
+  TORCH_CHECK(!dx.defined() || (dx.sizes() == x4.sizes() && dx.is_contiguous()), "dx must be contiguous (B, N, L, C)");
+  TORCH_CHECK(!dr2.defined() || (dr2.sizes() == r2.sizes() && dr2.is_contiguous() && dweight.defined() &&
+                                 dweight.sizes() == weight.sizes() && dweight.is_contiguous() && dbias.defined() &&
+                                 dbias.numel() == bias.numel() && dbias.is_contiguous()),
+              "dr2, dweight and dbias must be contiguous and shaped as r2, weight and bias");
   AT_DISPATCH_FLOATING_TYPES(x4.scalar_type(), "dynamixer_mix_backward", [&] {
-    res = backward_impl<scalar_t>(x4, r2, weight, bias, grad, s, need_x, need_params);
+    backward_impl<scalar_t>(x4, r2, weight, bias, grad, s, dx, dr2, dweight, dbias);
   });
-  return res;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mix_forward", &mix_forward, "fused dynamic mixing, forward",
-        py::arg("x4"), py::arg("r2"), py::arg("weight"), py::arg("bias"), py::arg("s"), py::arg("out") = py::none());
-  m.def("mix_backward", &mix_backward, "fused dynamic mixing, backward: (dx, dr2, dweight, dbias)");
-  m.def("gelu_pair", &gelu_pair, "(GELU(h), dy * GELU'(h)) in one pass");
+int64_t threads_used(int64_t tasks) {
+  std::vector<int> seen(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    if (begin < end && tid >= 0 && tid < static_cast<int>(seen.size())) seen[tid] = 1;
+  });
+  int64_t n = 0;
+  for (int v : seen) n += v;
+  return n;
 }
+
+}  // namespace dynamixer
