@@ -1,10 +1,11 @@
-"""The compiled CPU mixing kernels (src/dynamixer/ops/cpu_kernels.py, csrc/mixing.cpp).
+"""The compiled CPU kernels (src/dynamixer/ops/cpu_kernels.py, csrc/) and the models on them.
 
 Against tests/reference.py (the spec's equations, float64) on odd sizes, forward and every
-gradient; `gradcheck` in float64; and whole models with the kernels patched in against the plain
-path in float32 (relative error <= 1e-5). The extension is built once per session (about a
-minute the first time; later runs load the cached module). Skipped only when there is no C++
-compiler; a failing build with a compiler present is a test failure.
+gradient; `gradcheck` in float64; the GELU pair; and whole models on the 'cpp' paths of the
+dispatch against the plain path in float32 (relative error <= 1e-5, logits and every gradient),
+with `explain_paths` showing that the kernels ran. The extension is built once per session by
+the `cpu_kernels_built` fixture (conftest.py; later sessions load the cached library). The
+dispatch's rules for the kernels (switch, fallback) are tested in test_ops_dispatch.py.
 """
 import os
 import shutil
@@ -13,21 +14,18 @@ import pytest
 import timm
 import torch
 
-import dynamixer.model as dm
+import dynamixer
+from dynamixer.ops import dispatch
 from dynamixer.ops.mixing import DynamicMix, reduced_token_major
-from dynamixer.ops import cpu_kernels
 
 from reference import reference_op
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-@pytest.fixture(scope='session')
-def kernels():
-    if shutil.which(os.environ.get('CXX', 'c++').split()[0]) is None:
-        pytest.skip('no C++ compiler on PATH: the compiled CPU kernels cannot be built here')
-    assert cpu_kernels.available(), f'the CPU kernels did not build: {cpu_kernels.build_error()}'
-    return cpu_kernels
+@pytest.fixture
+def kernels(cpu_kernels_built):
+    return cpu_kernels_built
 
 
 def _inputs(b, n, l, c, s, d, dtype=torch.float64, seed=0):
@@ -135,65 +133,87 @@ def test_bad_input_is_refused(kernels):
         kernels.cpp_mix_forward(t['x'], r2.double(), t['wg'], t['bg'], 2)
 
 
-def _use_kernels(monkeypatch, kernels):
-    """Route the model's mixing through the kernels (before the dispatch of the ops package exists)."""
-    monkeypatch.setattr(dm, 'DynamicMix', kernels.CppDynamicMix)
-    monkeypatch.setattr(dm, 'dynamic_mix_forward', kernels.cpp_mix_forward)
-    monkeypatch.setattr(dm, 'FAST_PATH_MIN_TOKENS', 1)
-    monkeypatch.setattr(dm, 'RecomputeGeluMlp', kernels.CppRecomputeGeluMlp)
-
-
 def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.parametrize('kw', [dict(), dict(img_size=(64, 96))])
-def test_model_with_kernels_equals_plain_path(kernels, monkeypatch, kw):
-    """dynamixer_nano (8x8 and 4x4 grids; 16x24 and 8x12 at 64x96), float32: logits in training and
-    in inference, and every gradient, against the plain path."""
+def test_empty_batch(kernels):
+    """A batch of 0 sequences: empty outputs, zero generator gradients, no crash (also with the
+    broadcast gradient an empty sum gives)."""
+    x4, r2, w, b = torch.randn(0, 16, 3, 32), torch.randn(0, 32), torch.randn(256, 32), torch.randn(256)
+    assert kernels.cpp_mix_forward(x4, r2, w, b, 8).shape == (0, 16, 3, 32)
+    out = torch.empty(0, 16, 3, 32)
+    assert kernels.cpp_mix_forward(x4, r2, w, b, 8, out=out).data_ptr() == out.data_ptr()
+    args = [t.requires_grad_() for t in (x4, r2, w, b)]
+    grads = torch.autograd.grad(kernels.cpp_dynamic_mix(*args, 8).sum(), args)
+    assert [g.shape for g in grads] == [a.shape for a in args]
+    assert not grads[2].any() and not grads[3].any()
+
+
+def _model(name, **kw):
+    """A float32 model with weights away from init (std 0.05 on every parameter)."""
     torch.manual_seed(0)
-    model = timm.create_model('dynamixer_nano', num_classes=7, **kw)
+    model = timm.create_model(name, num_classes=7, **kw)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.1)
-    x = torch.randn(2, 3, *model.img_size)
-    calls = []
-    _use_kernels(monkeypatch, kernels)
-    real = kernels.cpp_mix_forward
-    monkeypatch.setattr(dm, 'dynamic_mix_forward', lambda *a, **k: calls.append(1) or real(*a, **k))
+            p.normal_(0, 0.05)
+    return model
+
+
+def _train_and_infer(model, x):
+    """(training logits, every parameter's gradient of a fixed loss, inference logits, the paths
+    taken in training and in inference)."""
+    model.train().zero_grad(set_to_none=True)
     y = model(x)
-    y.square().sum().backward()
-    fast = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).square().sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    paths_train = set(dynamixer.explain_paths(model, x).values())
+    model.zero_grad(set_to_none=True)
     with torch.inference_mode():
         y_infer = model.eval()(x)
-    assert calls, 'the inference path did not run the kernel'
+        paths_infer = set(dynamixer.explain_paths(model, x).values())
     model.train()
-    monkeypatch.setattr(dm, '_fast_path_ok', lambda x, dynamic, seq_len: False)
-    y_plain = model(x)
-    y_plain.square().sum().backward()
+    return y.detach(), grads, y_infer, paths_train, paths_infer
+
+
+@pytest.mark.parametrize('name,kw,min_tokens,mode', [
+    # nano, non-square: 8x12 and 4x6 grids, all through the kernels (sequences under 16 tokens)
+    ('dynamixer_nano', dict(img_size=(32, 48)), 1, 'mixing'),
+    ('dynamixer_nano', dict(img_size=(32, 48)), 1, 'all'),
+    # dynamixer_s at a small non-square size with the library's default rule: its 16x20 stage
+    # on the kernels, the 8x10 stages plain
+    ('dynamixer_s', dict(img_size=(112, 140)), 16, 'mixing'),
+])
+def test_model_on_cpp_path_equals_plain_path(kernels, monkeypatch, name, kw, min_tokens, mode):
+    """Logits (training and inference) and every gradient in float32, cpp path vs plain path."""
+    monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', min_tokens)   # read at construction
+    model = _model(name, **kw)
+    x = torch.randn(2, 3, *model.img_size)
+    with dynamixer.set_cpu_kernels(mode):
+        y, grads, y_infer, paths_train, paths_infer = _train_and_infer(model, x)
+    assert 'cpp-train' in paths_train and 'cpp-inference' in paths_infer
+    # the MLPs: the compiled GELU pair in training with 'all' only; inference MLPs stay eager
+    assert ('fast-train' in paths_train) == (mode == 'mixing')
+    assert 'fast-inference' in paths_infer
+    with dynamixer.set_fast_path(False):
+        y_plain, grads_plain, y_infer_plain, paths, _ = _train_and_infer(model, x)
+    assert paths == {'plain'}
     assert _rel(y, y_plain) <= 1e-5
-    assert _rel(y_infer, y_plain) <= 1e-5
-    for k, p in model.named_parameters():
-        assert _rel(fast[k], p.grad) <= 1e-5, k
-
-
-def test_without_compiler_says_so_once(monkeypatch):
-    """No compiler: `available()` is False, one warning names the reason, nothing raises."""
-    monkeypatch.setenv('CXX', 'no-such-compiler-dynamixer')
-    for name, value in (('_module', None), ('_error', None), ('_tried', False)):
-        monkeypatch.setattr(cpu_kernels, name, value)
-    with pytest.warns(RuntimeWarning, match='eager PyTorch path runs instead') as record:
-        assert not cpu_kernels.available()
-        assert not cpu_kernels.available()
-    assert len(record) == 1
-    assert 'no-such-compiler-dynamixer' in cpu_kernels.build_error()
-    with pytest.raises(RuntimeError, match='unavailable'):
-        cpu_kernels.cpp_mix_forward(torch.zeros(1, 2, 1, 2), torch.zeros(1, 2), torch.zeros(4, 2), torch.zeros(4), 1)
+    assert _rel(y_infer, y_infer_plain) <= 1e-5
+    for k, g in grads_plain.items():
+        assert _rel(grads[k], g) <= 1e-5, k
 
 
 def test_two_threads_equal_one(kernels):
-    """Per-thread gradient accumulators and parallel sequence groups: same result with 2 threads."""
+    """The build is parallel (OpenMP, as ATen's parallel_for needs) and per-thread gradient
+    accumulators and parallel sequence groups give the same result with 2 threads."""
+    torch.set_num_threads(2)
+    try:
+        assert kernels.threads_used(8) == 2
+    finally:
+        torch.set_num_threads(1)
+    assert kernels.threads_used(8) == 1
     b, n, l, c, s, d = 3, 16, 5, 32, 4, 2
     t = _inputs(b, n, l, c, s, d, dtype=torch.float32)
     r2 = torch.randn(b * l * s, n * d)
@@ -235,6 +255,15 @@ def test_recompute_gelu_mlp(kernels):
         torch.testing.assert_close(y, y_ref)
         for a, b_ in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(y_ref, args, gy)):
             torch.testing.assert_close(a, b_)
+    # backward passes that need only some gradients (the eager fallback, or the pair without dx)
+    for needed in ([0], [3], [1, 2, 3, 4]):
+        part = [a.detach().requires_grad_(i in needed) for i, a in enumerate(args)]
+        y = kernels.CppRecomputeGeluMlp.apply(*part, 'none')
+        y_ref = RecomputeGeluMlp.apply(*part, 'none')
+        gy = torch.randn_like(y)
+        inputs = [part[i] for i in needed]
+        for a, b_ in zip(torch.autograd.grad(y, inputs, gy), torch.autograd.grad(y_ref, inputs, gy)):
+            torch.testing.assert_close(a, b_)
 
 
 @pytest.mark.slow
@@ -250,7 +279,7 @@ def test_portable_build(tmp_path):
         'from dynamixer.ops import cpu_kernels as k\n'
         'from dynamixer.ops.mixing import DynamicMix\n'
         'assert k.available(), k.build_error()\n'
-        'assert k._module.__name__.endswith("portable")\n'
+        'assert "_portable_" in k._ops.name, k._ops.name\n'
         'args = [torch.randn(2, 12, 3, 40, dtype=torch.float64), torch.randn(24, 24, dtype=torch.float64),\n'
         '        torch.randn(144, 24, dtype=torch.float64), torch.randn(144, dtype=torch.float64)]\n'
         'for dt in (torch.float64, torch.float32):\n'
@@ -273,10 +302,12 @@ def test_bench_kernels_smoke(kernels, capsys):
     try:
         import bench_kernels
         assert bench_kernels.main(['--models', 'dynamixer_nano', '--threads', '1', '--rounds', '1', '--warmup', '0',
-                                   '--no-compile', '--infer-batch', '2', '--train-batch', '2', '--split']) == 0
+                                   '--no-compile', '--infer-batch', '2', '--train-batch', '2',
+                                   '--kernels-all-sizes']) == 0
     finally:
         sys.path.remove(bench)
         torch.set_num_threads(1)
     out = capsys.readouterr().out
-    for row in ('| infer | kernels |', '| train | kernels |', '| latency | mixkernel |'):
+    for row in ('| infer | library-eager |', '| infer | library |', '| train | library-all |',
+                '| latency | library-all-sizes |'):
         assert row in out
