@@ -1,56 +1,55 @@
-"""The compiled CPU kernels (dynamixer.ops.cpu_kernels) as one more interleaved variant.
+"""The compiled CPU kernels (dynamixer.ops.cpu_kernels) against the eager fast path, per thread count.
 
 Variants, interleaved in one process (order reversed every other round), medians of per-round
 ratios to the reference:
 
 * ``reference``: benchmarks/baseline.py, the straightforward implementation;
-* ``library``: the eager fast path (ops.mixing / ops.mlp);
-* ``kernels``: the same with the mixing through the C++ kernels (and, with --kernels-all-sizes,
-  also for sequences under 16 tokens, e.g. dynamixer_nano's grids) and the training MLP's
-  GELU + GELU backward fused (`CppRecomputeGeluMlp`);
-* ``mixkernel``: only the mixing through the kernels (with --split);
+* ``library-eager``: the fast path on eager PyTorch kernels (``DYNAMIXER_CPU_KERNELS=0``);
+* ``library``: as shipped, the mixing through the compiled kernels (``DYNAMIXER_CPU_KERNELS=1``);
+* ``library-all``: also the training MLP's compiled GELU pair (``DYNAMIXER_CPU_KERNELS=all``);
+* ``library-all-sizes`` (with --kernels-all-sizes): ``library-all`` on a copy of the model built
+  with FAST_PATH_MIN_TOKENS = 1, so that grids under 16 tokens (dynamixer_nano's) go through the
+  kernels too;
 * ``compiled``: torch.compile of the library model (unless --no-compile).
 
 Measures inference (batch 16), the training step (batch 8, forward + loss + backward + AdamW) and
 batch-1 inference latency, for each --threads value, and the fraction of the float32 matmul rate
-(the reference's multiply-adds, a 2048^3 matmul timed every round). Before timing, the kernels'
-logits and gradients are checked against the reference (float32 relative error <= 1e-5).
+(the reference's multiply-adds, a 2048^3 matmul timed every round). Before timing, each library
+variant's logits and gradients are checked against the reference (float32 relative error <= 1e-5).
+`benchmarks/bench_speed.py` is the issue's measurement (CPU time and wall clock, memory); this is
+the quicker comparison of the kernels across thread counts.
 
     python benchmarks/bench_kernels.py --models dynamixer_s --threads 1 2 --rounds 5
     python benchmarks/bench_kernels.py --models dynamixer_s dynamixer_nano --latency-only
 """
 import argparse
-import contextlib
 import os
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baseline import baseline_model  # noqa: E402
-from bench_speed import TrainStep, _copy, check_equal, count_macs, matmul_rate, median  # noqa: E402
+from bench_speed import (TrainStep, _copy, check_equal, count_macs, matmul_rate, median,  # noqa: E402
+                         variant_mode)
 
 import timm  # noqa: E402
-import dynamixer.model as dm  # noqa: E402
-from dynamixer.ops import cpu_kernels  # noqa: E402
+from dynamixer.ops import cpu_kernels, dispatch  # noqa: E402
 
 
-@contextlib.contextmanager
-def kernels_on(all_sizes: bool, mixing_only: bool = False) -> Iterator[None]:
-    """Route the model's mixing (and, unless mixing_only, the training MLP's GELU backward)
-    through the C++ kernels for the duration of the block."""
-    saved = dm.DynamicMix, dm.dynamic_mix_forward, dm.FAST_PATH_MIN_TOKENS, dm.RecomputeGeluMlp
-    dm.DynamicMix, dm.dynamic_mix_forward = cpu_kernels.CppDynamicMix, cpu_kernels.cpp_mix_forward
-    if not mixing_only:
-        dm.RecomputeGeluMlp = cpu_kernels.CppRecomputeGeluMlp
-    if all_sizes:
-        dm.FAST_PATH_MIN_TOKENS = 1
+def _all_sizes_copy(lib: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The same weights in a model whose grids of any length take the fast path (decided at
+    construction)."""
+    saved = dispatch.FAST_PATH_MIN_TOKENS
+    dispatch.FAST_PATH_MIN_TOKENS = 1
     try:
-        yield
+        m = timm.create_model(name, num_classes=lib.num_classes)
     finally:
-        dm.DynamicMix, dm.dynamic_mix_forward, dm.FAST_PATH_MIN_TOKENS, dm.RecomputeGeluMlp = saved
+        dispatch.FAST_PATH_MIN_TOKENS = saved
+    m.load_state_dict(lib.state_dict())
+    return m
 
 
 def _wall(fn: Callable[[], object]) -> float:
@@ -66,19 +65,20 @@ def bench(name: str, threads: int, args) -> Dict:
     ref = baseline_model(lib)
     img = lib.img_size
     x2 = torch.randn(2, 3, *img)
-    with kernels_on(args.kernels_all_sizes):
-        check = check_equal(lib, ref, x2, 1e-5)
-    macs_i = count_macs(ref.eval(), x2[:1])
-    macs_t = count_macs(ref.train(), x2[:1], backward=True)
-
-    models = {'reference': ref, 'library': lib, 'kernels': lib}
-    if args.split:
-        models['mixkernel'] = lib
+    models = {'reference': ref, 'library-eager': lib, 'library': lib, 'library-all': lib}
+    if args.kernels_all_sizes:
+        models['library-all-sizes'] = _all_sizes_copy(lib, name)
     if args.compile:
         models['compiled'] = torch.compile(lib)
-    ctx = {k: contextlib.nullcontext for k in models}
-    ctx['kernels'] = lambda: kernels_on(args.kernels_all_sizes)
-    ctx['mixkernel'] = lambda: kernels_on(args.kernels_all_sizes, mixing_only=True)
+    ctx = {k: variant_mode(k) for k in models}
+    ctx['library-all-sizes'] = variant_mode('library-all')
+    check = {}
+    for k, m in models.items():
+        if k not in ('reference', 'compiled'):
+            with ctx[k]():
+                check[k] = max(check_equal(m, ref, x2, 1e-5).values())
+    macs_i = count_macs(ref.eval(), x2[:1])
+    macs_t = count_macs(ref.train(), x2[:1], backward=True)
     xi, x1 = torch.randn(args.infer_batch, 3, *img), torch.randn(1, 3, *img)
 
     def infer(m, k, x):
@@ -92,18 +92,11 @@ def bench(name: str, threads: int, args) -> Dict:
         if not args.latency_only:
             fns[f'infer/{k}'] = infer(m, k, xi)
     if not args.latency_only:
-        train_models = {'reference': baseline_model(lib), 'library': _copy(lib), 'kernels': _copy(lib)}
-        if args.split:
-            train_models['mixkernel'] = _copy(lib)
-        if args.compile:
-            train_models['compiled'] = torch.compile(_copy(lib))
-        for k, m in train_models.items():
-            step = TrainStep(m.train(), args.train_batch, img, lib.num_classes, torch.device('cpu'), None)
-
-            def run(step=step, k=k):
-                with ctx[k]():
-                    step()
-            fns[f'train/{k}'] = run
+        for k, m in models.items():
+            tm = (baseline_model(lib) if k == 'reference' else torch.compile(_copy(lib)) if k == 'compiled'
+                  else _copy(m))
+            fns[f'train/{k}'] = TrainStep(tm.train(), args.train_batch, img, lib.num_classes, torch.device('cpu'),
+                                          None, context=ctx[k])
     for fn in fns.values():
         for _ in range(args.warmup):
             fn()
@@ -142,8 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--latency-only', action='store_true', help='only batch-1 inference')
     p.add_argument('--no-compile', dest='compile', action='store_false')
     p.add_argument('--kernels-all-sizes', action='store_true',
-                   help='the kernels also for sequences under 16 tokens (FAST_PATH_MIN_TOKENS = 1)')
-    p.add_argument('--split', action='store_true', help='also the mixing kernel alone (variant mixkernel)')
+                   help='add library-all-sizes: the kernels also for sequences under 16 tokens (FAST_PATH_MIN_TOKENS = 1)')
     args = p.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit(f'the CPU kernels are unavailable: {cpu_kernels.build_error()}')
@@ -152,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for threads in args.threads:
             res = bench(name, threads, args)
             print(f"\n{name}, {threads} thread(s), matmul rate {res['rate_gflops']:.1f} GFLOP/s, "
-                  f"check vs reference: " + ', '.join(f'{k} {v:.1e}' for k, v in res['check'].items()))
+                  f"check vs reference (max relative error): " + ', '.join(f'{k} {v:.1e}' for k, v in res['check'].items()))
             print('| measurement | variant | ms per batch | img/s | ratio to reference | % of matmul rate |')
             print('|---|---|---|---|---|---|')
             for r in res['rows']:
