@@ -311,3 +311,27 @@ def test_bench_kernels_smoke(kernels, capsys):
     for row in ('| infer | library-eager |', '| infer | library |', '| train | library-all |',
                 '| latency | library-all-sizes |'):
         assert row in out
+
+
+def test_build_tools_are_found_or_named(monkeypatch, tmp_path):
+    """The compiler and ninja: ninja from this Python's scripts folder (the PyPI package, in a
+    virtual environment that is not activated) goes on PATH; a missing one is named."""
+    import stat
+    import sysconfig
+    from dynamixer.ops import cpu_kernels
+    bin_dir, scripts = tmp_path / 'bin', tmp_path / 'scripts'
+    for d, tool in ((bin_dir, 'c++'), (scripts, 'ninja')):
+        d.mkdir()
+        (d / tool).write_text('#!/bin/sh\n')
+        (d / tool).chmod(stat.S_IRWXU)
+    monkeypatch.setenv('PATH', str(bin_dir))
+    monkeypatch.delenv('CXX', raising=False)
+    monkeypatch.setattr(sysconfig, 'get_path', lambda name: str(tmp_path / 'nowhere'))
+    with pytest.raises(RuntimeError, match=r"no 'ninja' build tool on PATH \(pip install ninja\)"):
+        cpu_kernels._find_tools()
+    monkeypatch.setattr(sysconfig, 'get_path', lambda name: str(scripts))
+    cpu_kernels._find_tools()
+    assert shutil.which('ninja') == str(scripts / 'ninja')
+    monkeypatch.setenv('CXX', 'clang++-none')
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler \('clang\+\+-none'\) on PATH"):
+        cpu_kernels._find_tools()

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sysconfig
 import threading
 import warnings
 from typing import Any, List, Optional, Tuple
@@ -65,17 +66,17 @@ def _isa_flags() -> Tuple[str, List[str]]:
 
 def _find_tools() -> None:
     """Raise with a clear reason when the C++ compiler or ninja is missing. The `ninja` package
-    from PyPI (in the test extra) puts its binary in its own folder, which goes on PATH here
-    because cpp_extension looks for 'ninja' on PATH."""
+    from PyPI (a dependency) installs its binary into this Python's scripts folder, which is not
+    on PATH when a virtual environment's Python runs without activating it; cpp_extension looks
+    for 'ninja' on PATH, so that folder goes on PATH then."""
     compiler = os.environ.get('CXX', 'c++')
     if shutil.which(compiler.split()[0]) is None:
         raise RuntimeError(f'no C++ compiler ({compiler!r}) on PATH')
     if shutil.which('ninja') is None:
-        try:
-            import ninja  # optional: pip install ninja
-            os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + os.environ.get('PATH', '')
-        except ImportError:
-            raise RuntimeError("no 'ninja' build tool on PATH (pip install ninja)") from None
+        scripts = sysconfig.get_path('scripts')
+        if shutil.which('ninja', path=scripts) is None:
+            raise RuntimeError("no 'ninja' build tool on PATH (pip install ninja)")
+        os.environ['PATH'] = scripts + os.pathsep + os.environ.get('PATH', '')
 
 
 def _build() -> Any:
