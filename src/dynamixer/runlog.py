@@ -127,7 +127,7 @@ class RunLog:
 
 def plot_history(history: List[Dict[str, Any]], path: str) -> None:
     """Loss (train, val) and accuracy (top-1, top-5, EMA top-1) per epoch, as a PNG."""
-    import matplotlib
+    matplotlib = require('matplotlib', None, 'the training curves plot')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     epochs = [h['epoch'] for h in history]
