@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 import timm
-import dynamixer
 from dynamixer import cli
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -205,6 +204,24 @@ def test_reported_flag_values(argv):
     assert rc == 2 and 'Traceback' not in err and argv[-1] in err, err
 
 
+@pytest.mark.parametrize('text,fragments', [
+    ('workers: -1\n', ["'workers'", '-1']),
+    ('epochs: 0\n', ["'epochs'", '0']),
+    ('opt_betas: [0.9, 1.0]\n', ["'opt_betas'", '1.0']),
+    ('scale: [0.5, 0.1]\n', ['scale', 'range']),
+])
+def test_settings_from_a_file_are_checked_like_flags(tmp_path, text, fragments):
+    """The ranges of the flags hold for a YAML file too (one rule: recipes.RANGES)."""
+    (tmp_path / 'c.yaml').write_text(text)
+    assert_user_error(run_cli('train', '--config', tmp_path / 'c.yaml', '--print-config'), *fragments)
+
+
+def test_optional_numeric_settings_switch_off_with_none():
+    rc, out, err = run_cli('train', '--recipe', 'imagenet-s', '--ema-decay', 'none', '--print-config')
+    assert rc == 0 and 'ema_decay: null' in out, err
+    assert_user_error(run_cli('train', '--ema-decay', '2', '--print-config'), '--ema-decay', '2')
+
+
 # ---- output paths -----------------------------------------------------------------------------------
 
 def test_export_output_is_an_existing_folder_or_under_a_file(work, good_checkpoint):
@@ -224,7 +241,7 @@ def test_export_missing_parent_folder_is_created(work, good_checkpoint):
     assert out.is_file()
 
 
-@pytest.mark.parametrize('fmt', ['safetensors', 'torchscript', 'onnx'])
+@pytest.mark.parametrize('fmt', ['safetensors', 'torchscript', pytest.param('onnx', marks=pytest.mark.slow)])
 def test_export_write_refused_by_the_system(work, good_checkpoint, monkeypatch, fmt):
     """A read-only folder (simulated: the tests run as root, which ignores permission bits)."""
     real_replace = os.replace
@@ -237,6 +254,18 @@ def test_export_write_refused_by_the_system(work, good_checkpoint, monkeypatch, 
     (work / 'ro').mkdir(exist_ok=True)
     out = work / 'ro' / f'w.{fmt}'
     assert_user_error(run_cli('export', good_checkpoint, '--format', fmt, '--output', out), 'permission denied')
+
+
+def test_output_folder_without_write_permission(tmp_path, monkeypatch):
+    """Refused before any work (simulated: root may write anywhere, so os.access is made to say no)."""
+    from dynamixer import files
+    monkeypatch.setattr(files.os, 'access', lambda path, mode: False)
+    with pytest.raises(files.OutputError, match='permission denied in'):
+        files.check_output_file(tmp_path / 'w.onnx')
+
+
+def test_show_mixing_output_is_checked_before_the_work(work, good_checkpoint, image):
+    assert_user_error(run_cli('show-mixing', good_checkpoint, image, '--out', work), str(work))
 
 
 # ---- optional dependencies --------------------------------------------------------------------------
@@ -254,6 +283,35 @@ def test_missing_optional_dependency_names_the_extra(work, good_checkpoint, imag
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     argv = [a.format(ckpt=good_checkpoint, work=work, image=image) for a in argv]
     assert_user_error(run_cli(*argv), f'dynamixer[{extra}]')
+
+
+def _hide(monkeypatch, module):
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + '.'):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)
+
+
+@pytest.mark.parametrize('module,package,argv', [
+    ('sklearn', 'scikit-learn', ['validate', '{ckpt}', '--dataset', 'digits']),
+    ('matplotlib', 'matplotlib', ['show-mixing', '{ckpt}', '{image}', '--out', '{work}/m.png']),
+])
+def test_missing_core_dependency_names_the_package(work, good_checkpoint, image, monkeypatch, module, package, argv):
+    """Dependencies every install has (pip install --no-deps can still leave them out)."""
+    _hide(monkeypatch, module)
+    argv = [a.format(ckpt=good_checkpoint, work=work, image=image) for a in argv]
+    assert_user_error(run_cli(*argv), f'pip install {package}')
+
+
+def test_hub_refusal_is_a_user_error(good_checkpoint, monkeypatch):
+    """No token, no network, no such repository: huggingface_hub's OSErrors become one message."""
+    from dynamixer import hub
+
+    def refuse(*a, **k):
+        raise OSError('401 Client Error: Unauthorized')
+    monkeypatch.setattr(hub, 'push_to_hf_hub', refuse)
+    assert_user_error(run_cli('push-to-hub', good_checkpoint, 'user/repo'), 'could not push', 'Unauthorized',
+                      '--local-dir')
 
 
 # ---- run folders ------------------------------------------------------------------------------------
@@ -303,6 +361,30 @@ def test_resume_with_other_data_is_refused(finished_run, tmp_path):
     assert (run / 'last.pth').read_bytes() == weights
 
 
+def test_resume_with_another_dataset_is_refused(finished_run):
+    base, run = finished_run
+    assert_user_error(run_cli('train', '--resume', run / 'last.pth', '--dataset', 'left-digit'),
+                      '--pretrained', 'left-digit')
+
+
+def test_resume_of_its_own_folder_with_output_is_allowed(finished_run, monkeypatch):
+    """--output naming the resumed checkpoint's own folder is not 'another run' (the training
+    itself is replaced: what is checked is that it gets past the folder check)."""
+    from dynamixer import train as train_module
+    base, run = finished_run
+    seen = {}
+
+    def fake_train(config, data=None, resume=None, overwrite=False, **kw):
+        seen.update(output=config['output'], resume=resume, overwrite=overwrite)
+        train_module._claim_run_folder(config['output'], resume, overwrite, True)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, 'train', fake_train)
+    rc, out, err = run_cli('train', '--resume', run / 'last.pth', '--epochs', '3', '--output', run)
+    assert rc == 130 and seen == dict(output=str(run), resume=str(run / 'last.pth'), overwrite=False), err
+    # Ctrl-C: exit code 130 and the checkpoint to continue from, no traceback
+    assert 'interrupted' in err and f'--resume {run / "last.pth"}' in err and 'Traceback' not in err
+
+
 @pytest.mark.parametrize('umask,mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_follow_the_umask(tmp_path, good_checkpoint, umask, mode):
     old = os.umask(umask)
@@ -313,6 +395,29 @@ def test_files_follow_the_umask(tmp_path, good_checkpoint, umask, mode):
         os.umask(old)
     assert rc == 0, err
     assert stat.S_IMODE(out.stat().st_mode) == mode
+
+
+def test_atomic_replacement_follows_the_umask(tmp_path, monkeypatch):
+    """Replacing a file keeps working (new content, no temporary files left) and the new file gets
+    the umask's mode; the umask is read without /proc too."""
+    from dynamixer import files
+    path = tmp_path / 'metrics.json'
+    old = os.umask(0o077)
+    try:
+        files.atomic_write_text('one', path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        os.umask(0o027)
+        files.atomic_write_text('two', path)
+        assert path.read_text() == 'two' and stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert files.current_umask() == 0o027
+
+        def no_proc(name, *a, **k):
+            raise OSError('no /proc here')
+        monkeypatch.setattr(files, 'open', no_proc, raising=False)
+        assert files.current_umask() == 0o027 and os.umask(0o027) == 0o027  # read, and left as it was
+    finally:
+        os.umask(old)
+    assert os.listdir(tmp_path) == ['metrics.json']
 
 
 def test_training_files_follow_the_umask(finished_run):
@@ -341,7 +446,16 @@ def test_empty_class_folder_is_an_error(tmp_path):
 
 def test_single_class_needs_a_flag(tmp_path):
     data = _folder(tmp_path / 'd', ['cat'])
-    assert_user_error(run_cli('train', data, *TINY, '--output', tmp_path / 'run'), 'single')
+    assert_user_error(run_cli('train', data, *TINY, '--output', tmp_path / 'run'), 'single', '--allow-single-class')
+    rc, out, err = run_cli('train', data, *TINY, '--batch-size', '4', '--output', tmp_path / 'run',
+                           '--allow-single-class')
+    assert rc == 0, err
+    assert torch.load(tmp_path / 'run' / 'last.pth', weights_only=False)['class_names'] == ['cat']
+
+
+def test_empty_class_folder_in_validation_data(tmp_path, good_checkpoint):
+    data = _folder(tmp_path / 'd', ['3', '7'], empty=('7',))
+    assert_user_error(run_cli('validate', good_checkpoint, data), str(data / 'val' / '7'))
 
 
 # ---- the error policy -------------------------------------------------------------------------------
