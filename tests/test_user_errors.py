@@ -54,6 +54,8 @@ def assert_user_error(result, *fragments):
 
 # ---- data the tests make ------------------------------------------------------------------------
 
+TINY_FLAGS = ['--epochs', '1', '--batch-size', '64', '--threads', '1', '--no-progress', '--workers', '0']
+
 def _nano_checkpoint(path, num_classes=10, class_names=None, data=None, dataset='digits'):
     """A training checkpoint in this project's format with random nano weights."""
     torch.manual_seed(0)
@@ -264,8 +266,25 @@ def test_output_folder_without_write_permission(tmp_path, monkeypatch):
         files.check_output_file(tmp_path / 'w.onnx')
 
 
-def test_show_mixing_output_is_checked_before_the_work(work, good_checkpoint, image):
-    assert_user_error(run_cli('show-mixing', good_checkpoint, image, '--out', work), str(work))
+@pytest.mark.parametrize('argv', [
+    ['export', '{ckpt}', '--format', 'torchscript', '--output', '{file}/w.pt'],
+    ['show-mixing', '{ckpt}', '{image}', '--out', '{file}/m.png'],
+    ['show-mixing', '{ckpt}', '{image}', '--out', '{work}'],
+    ['train', *TINY_FLAGS, '--output', '{file}'],
+    ['train', *TINY_FLAGS, '--output', '{file}/run'],
+    ['ablate', '--epochs', '1', '--out', '{file}'],
+    ['ablate', '--epochs', '1', '--out', '{file}/grid'],
+    ['push-to-hub', '{ckpt}', 'user/repo', '--local-dir', '{file}'],
+    ['push-to-hub', '{ckpt}', 'user/repo', '--local-dir', '{file}/hub'],
+], ids=lambda argv: argv[0] + argv[-1].rsplit('}', 1)[-1].replace('/', '-under-'))
+def test_every_output_path_that_cannot_be_written(work, good_checkpoint, image, argv):
+    """Each command's output (file or folder) where a file is, or under a file: refused, naming it,
+    before the work starts."""
+    file = work / 'a_file.txt'
+    file.write_text('not a folder')
+    argv = [a.format(ckpt=good_checkpoint, image=image, work=work, file=file) for a in argv]
+    assert_user_error(run_cli(*argv), str(work))
+    assert file.read_text() == 'not a folder'
 
 
 # ---- optional dependencies --------------------------------------------------------------------------
@@ -316,7 +335,7 @@ def test_hub_refusal_is_a_user_error(good_checkpoint, monkeypatch):
 
 # ---- run folders ------------------------------------------------------------------------------------
 
-TINY = ['--epochs', '1', '--batch-size', '64', '--threads', '1', '--no-progress', '--workers', '0']
+TINY = TINY_FLAGS
 
 
 @pytest.fixture(scope='module')

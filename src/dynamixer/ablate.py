@@ -41,7 +41,7 @@ from .argtypes import non_negative_int, positive_int
 from .data import build_datasets
 from .engine import Process, count_macs, setup_process
 from .errors import UsageError, require
-from .files import OutputError
+from .files import check_output_folder
 from .model import MODEL_ARGS
 from .recipes import RANGES, resolve_config
 from .train import train
@@ -401,8 +401,7 @@ def run(args: argparse.Namespace) -> int:
     variants = list(dict.fromkeys(args.variants + list(_parse_extra(args.add_variant))))
     cfg['variants'] = variants
     logging.basicConfig(level=logging.INFO, format='%(message)s')  # the runs' epoch lines
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise OutputError(f'--out {args.out} is a file; give a folder for the ablation results')
+    check_output_folder(args.out, 'ablation folder (--out)')
     return _run_grid(args, cfg, grid, variants)
 
 

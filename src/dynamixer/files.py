@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save
 from .errors import DynaMixerError, MissingFileError
 
 __all__ = [
-    'CheckpointError', 'CheckpointNotFoundError', 'OutputError', 'check_output_file', 'current_umask',
+    'CheckpointError', 'CheckpointNotFoundError', 'OutputError', 'check_output_file', 'check_output_folder',
+    'current_umask',
     'validate_checkpoint_file', 'read_checkpoint', 'authors_pickle_globals',
     'pretrained_file', 'check_pretrained_file', 'atomic_write', 'atomic_torch_save', 'atomic_write_text',
     'safetensors_metadata', 'read_safetensors_metadata', 'save_safetensors',
@@ -188,14 +189,30 @@ def check_output_file(path: PathLike, what: str = 'output file', example: str = 
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         raise OutputError(f'{what} {path} is an existing folder; give a file name, e.g. {os.path.join(path, example)}')
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):  # the nearest existing ancestor (the root, at worst)
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise OutputError(f'cannot write {what} {path}: {parent} is a file, not a folder')
-    if not os.access(parent, os.W_OK | os.X_OK):  # read-only folder or file system (root passes)
-        raise OutputError(f'cannot write {what} {path}: permission denied in {parent}')
+    _check_writable(os.path.dirname(path), what, path)
     return path
+
+
+def check_output_folder(path: PathLike, what: str = 'output folder') -> str:
+    """Refuse an output folder that cannot be made or written: an existing file, a path under a
+    file, a folder the user may not write in. Returns the absolute path. Raises OutputError."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f'{what} {path} is a file; give a folder')
+    _check_writable(path, what, path)
+    return path
+
+
+def _check_writable(folder: str, what: str, target: str) -> None:
+    """`folder`, or its nearest existing ancestor when it is still to be made, is a folder the
+    user may write in; the messages name `target`, what was asked for."""
+    existing = folder
+    while not os.path.exists(existing):  # the root exists, at worst
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f'cannot write {what} {target}: {existing} is a file, not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):  # read-only folder or file system (root passes)
+        raise OutputError(f'cannot write {what} {target}: permission denied in {existing}')
 
 
 def _refused(path: str, e: OSError) -> OutputError:

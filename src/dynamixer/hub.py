@@ -27,7 +27,7 @@ from timm.models._hub import generate_readme
 from .checkpoint import load_model, read_checkpoint
 from .engine import count_macs
 from .errors import DynaMixerError, require
-from .files import OutputError
+from .files import check_output_folder
 from .model import MODEL_ARGS
 
 PathLike = Union[str, os.PathLike]
@@ -230,8 +230,7 @@ class HubError(DynaMixerError, OSError):
 def run(args: argparse.Namespace) -> int:
     require('huggingface_hub', 'hub', 'dynamixer push-to-hub')
     if args.local_dir:
-        if os.path.exists(args.local_dir) and not os.path.isdir(args.local_dir):
-            raise OutputError(f'--local-dir {args.local_dir} is a file; give a folder to write the Hub files into')
+        check_output_folder(args.local_dir, 'Hub folder (--local-dir)')
         out = save_hub_folder(args.checkpoint, args.local_dir, args.repo_id)
         files = ', '.join(sorted(p.name for p in out.iterdir()))
         print(f'wrote {out}: {files}')

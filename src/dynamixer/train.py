@@ -41,6 +41,7 @@ from .data import DataError, build_datasets, build_transforms
 from .engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
                      setup_process, train_one_epoch, worker_init)
 from .errors import DynaMixerError
+from .files import check_output_folder
 from .layout import unwrap_state_dict
 from .model import checkpoint_filter_fn
 from .recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
@@ -247,8 +248,7 @@ def holds_run(folder: str) -> List[str]:
 def _claim_run_folder(output: str, resume: Optional[str], overwrite: bool, is_main: bool) -> None:
     """Refuse a folder that holds another run, unless `overwrite` (its run files are then removed
     by the main process) or the run resumes a checkpoint in that same folder."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise RunFolderError(f'the run folder {output} is a file; give --output a folder')
+    check_output_folder(output, 'run folder')
     found = holds_run(output)
     if not found:
         return
