@@ -8,6 +8,7 @@ a file, or refused by the operating system, and every optional dependency missin
 import argparse
 import contextlib
 import io
+import json
 import os
 import pickle
 import stat
@@ -152,6 +153,21 @@ def test_every_command_refuses_every_damaged_checkpoint(work, damaged, image, co
     assert not (work / 'runs' / 'resumed' / 'last.pth').exists()
 
 
+@pytest.mark.parametrize('kind', ['random-bytes', 'zero-byte', 'bad-json', 'foreign-json', 'no-json'])
+def test_predict_refuses_damaged_onnx_files(work, image, kind):
+    """`predict --onnx`: the ONNX file or the preprocessing JSON next to it damaged or missing."""
+    from dynamixer.inference import preprocessing_config, preprocessing_path
+    d = work / 'onnx' / kind
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / 'm.onnx'
+    path.write_bytes(b'' if kind == 'zero-byte' else np.random.default_rng(0).bytes(2048))
+    config = preprocessing_config(timm.create_model('dynamixer_nano', num_classes=3), ['a', 'b', 'c'])
+    text = {'bad-json': '{"input_size": [3, 32', 'foreign-json': '[1, 2, 3]'}.get(kind, json.dumps(config))
+    if kind != 'no-json':
+        preprocessing_path(path).write_text(text)
+    assert_user_error(run_cli('predict', '--onnx', path, image), str(d))
+
+
 # ---- numeric flags --------------------------------------------------------------------------------
 
 def _numeric_options():
@@ -216,6 +232,23 @@ def test_settings_from_a_file_are_checked_like_flags(tmp_path, text, fragments):
     """The ranges of the flags hold for a YAML file too (one rule: recipes.RANGES)."""
     (tmp_path / 'c.yaml').write_text(text)
     assert_user_error(run_cli('train', '--config', tmp_path / 'c.yaml', '--print-config'), *fragments)
+
+
+@pytest.mark.parametrize('flags,fragment', [
+    (['--model', 'nosuch'], 'nosuch'),
+    (['--model-options', '{"nosuch": 1}'], 'nosuch'),
+    (['--opt', 'nosuch'], '--opt nosuch'),
+    (['--sched', 'nosuch'], '--sched nosuch'),
+    (['--auto-augment', 'bogus-m9'], 'bogus'),
+    (['--remode', 'nosuch'], 'remode'),
+    (['--compile', '--compile-backend', 'nosuch'], '--compile-backend'),
+    (['--dataset', 'nosuch'], 'nosuch'),
+    (['--device', 'gpu0'], 'gpu0'),
+], ids=lambda v: ' '.join(v) if isinstance(v, list) else 'x')
+def test_unknown_names_in_settings(tmp_path, flags, fragment):
+    """Names timm or torch look up (model, optimiser, schedule, augmentation, backend, device)."""
+    assert_user_error(run_cli('train', *TINY_FLAGS, '--output', tmp_path / 'run', *flags), fragment)
+    assert not (tmp_path / 'run' / 'last.pth').exists()
 
 
 def test_optional_numeric_settings_switch_off_with_none():

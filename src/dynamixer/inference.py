@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from timm.data import resolve_data_config
 
-from .checkpoint import load_model, read_checkpoint
+from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data import DataError, class_names_for, load_image, preprocessing_transform
 from .errors import MissingFileError, require
 from .files import read_safetensors_metadata
@@ -133,8 +133,15 @@ def load_preprocessing(model_path: PathLike) -> Dict[str, Any]:
         raise MissingFileError(
             f'{path} not found: it is written by `dynamixer export` next to {Path(model_path).name}; '
             f'keep the two files together.')
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f'{path}: cannot read the preprocessing written by `dynamixer export` ({e}); '
+                        'export the model again') from None
+    if not isinstance(config, dict) or 'input_size' not in config or 'num_classes' not in config:
+        raise DataError(f'{path} is not the preprocessing JSON `dynamixer export` writes; export the model again')
+    return config
 
 
 # ---- exported ONNX files (ONNX Runtime, no PyTorch model needed) --------------------------------
@@ -153,7 +160,11 @@ class OnnxClassifier:
         self.config = load_preprocessing(onnx_path)
         self.transform = preprocessing_transform(self.config)
         self.class_names = class_names_for(self.config['num_classes'], self.config.get('class_names'))
-        self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
+        try:
+            self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise CheckpointError(f'{onnx_path}: ONNX Runtime cannot load it, it is not a whole ONNX file '
+                                  f'({type(e).__name__}: {str(e)[:300]}); export it again') from None
         self._input = self.config.get('input_name', INPUT_NAME)
         self._output = self.config.get('output_name', OUTPUT_NAME)
 

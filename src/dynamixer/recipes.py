@@ -311,7 +311,10 @@ def check_config(config: Mapping[str, Any]) -> None:
          f"bad_images must be 'skip', 'error' or 'off', got {config['bad_images']!r}")
     need(config['amp'] in ('auto', 'bf16', 'fp16', 'none'),
          f"amp must be 'auto', 'bf16', 'fp16' or 'none', got {config['amp']!r}")
-    need(config['clip_mode'] in ('norm', 'value', 'agc'), f"clip_mode must be norm, value or agc")
+    need(config['clip_mode'] in ('norm', 'value', 'agc'),
+         f"clip_mode must be 'norm', 'value' or 'agc', got {config['clip_mode']!r}")
+    need(config['remode'] in ('pixel', 'rand', 'const'),
+         f"remode (random erasing) must be 'pixel', 'rand' or 'const', got {config['remode']!r}")
     need(len(config['scale']) == 2 and len(config['ratio']) == 2, 'scale and ratio take two numbers each')
     for key in ('scale', 'ratio'):
         need(config[key][0] <= config[key][1], f'{key} is a range (low high); got {config[key]}')

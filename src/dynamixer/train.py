@@ -181,7 +181,7 @@ def _build_model(config: Dict[str, Any], num_classes: int,
     config['model_kwargs'] = dict(kwargs)
     try:
         model = timm.create_model(config['model'], **kwargs)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:  # unknown model, size or option (--model-options)
         raise ConfigError(f"cannot build {config['model']} with {kwargs}: {e}") from None
     if config['pretrained']:
         _load_pretrained(model, config['pretrained'], config['new_head'])
@@ -299,7 +299,11 @@ def train(
     train_set, val_set, class_names, data_report = build_datasets(config, data)
     torch.manual_seed(config['seed'])  # the same initial weights on every process (DDP also broadcasts rank 0's)
     model = _build_model(config, len(class_names), data_report.get('model_kwargs')).to(process.device)
-    train_set.transform, val_set.transform = build_transforms(config, model)
+    try:
+        train_set.transform, val_set.transform = build_transforms(config, model)
+    except (ValueError, AssertionError, KeyError) as e:  # timm's transform factory on unknown policies
+        raise ConfigError(f"the augmentation settings do not work (auto_augment {config['auto_augment']!r}): "
+                          f'{e or type(e).__name__}') from None
     loaders = _make_loaders(config, train_set, val_set, process)
     opt = _make_optimisation(config, model, loaders.steps_per_epoch, len(class_names), process.device)
 
@@ -379,15 +383,21 @@ class _Optimisation(NamedTuple):
 def _make_optimisation(config: Dict[str, Any], model: nn.Module, steps_per_epoch: int, num_classes: int,
                        device: torch.device) -> _Optimisation:
     """Optimiser, schedule, mixup, loss, precision and EMA, as the config says."""
-    optimizer = create_optimizer_v2(
-        model, config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
-        momentum=config['momentum'],
-        param_group_fn=lambda m: _param_groups(m, config['weight_decay'], config['body_lr_scale']),
-        **{k: v for k, v in (('eps', config['opt_eps']), ('betas', config['opt_betas'])) if v is not None})
-    scheduler, total_epochs = create_scheduler_v2(
-        optimizer, sched=config['sched'], num_epochs=config['epochs'], warmup_epochs=config['warmup_epochs'],
-        warmup_lr=config['warmup_lr'], min_lr=config['min_lr'], cooldown_epochs=config['cooldown_epochs'],
-        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    try:  # timm refuses unknown names with ValueError / AssertionError
+        optimizer = create_optimizer_v2(
+            model, config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
+            momentum=config['momentum'],
+            param_group_fn=lambda m: _param_groups(m, config['weight_decay'], config['body_lr_scale']),
+            **{k: v for k, v in (('eps', config['opt_eps']), ('betas', config['opt_betas'])) if v is not None})
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"--opt {config['opt']}: {e} (timm's optimisers: timm.optim.list_optimizers())") from None
+    try:
+        scheduler, total_epochs = create_scheduler_v2(
+            optimizer, sched=config['sched'], num_epochs=config['epochs'], warmup_epochs=config['warmup_epochs'],
+            warmup_lr=config['warmup_lr'], min_lr=config['min_lr'], cooldown_epochs=config['cooldown_epochs'],
+            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"--sched {config['sched']}: {e}") from None
     mixup_on = config['mixup'] > 0 or config['cutmix'] > 0
     mixup_fn = Mixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'], prob=config['mixup_prob'],
                      switch_prob=config['mixup_switch_prob'], label_smoothing=config['smoothing'],
@@ -434,6 +444,9 @@ def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> n
         device = process.device
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if config['compile']:
+        if config['compile_backend'] not in torch.compiler.list_backends(exclude_tags=()):
+            raise ConfigError(f"unknown --compile-backend {config['compile_backend']!r}; torch has "
+                              f"{', '.join(torch.compiler.list_backends())} and debug ones such as aot_eager")
         model = torch.compile(model, backend=config['compile_backend'])
     return model
 
