@@ -216,6 +216,7 @@ def _positional(command):
     ['train', '--batch-size', '0'],
     ['train', '--lr', '-1'],
     ['validate', 'x.pth', '--batch-size', '-3'],
+    ['export', 'x.pth', '--opset', '7'],
 ])
 def test_reported_flag_values(argv):
     rc, out, err = run_cli(*argv)
@@ -267,6 +268,13 @@ def test_export_output_is_an_existing_folder_or_under_a_file(work, good_checkpoi
     under_file.write_text('x')
     assert_user_error(run_cli('export', good_checkpoint, '--format', 'safetensors',
                               '--output', under_file / 'w.safetensors'))
+
+
+def test_export_opset_newer_than_onnx_knows(work, good_checkpoint, monkeypatch):
+    import onnx
+    monkeypatch.setattr(onnx.defs, 'onnx_opset_version', lambda: 20)
+    assert_user_error(run_cli('export', good_checkpoint, '--opset', '21', '--output', work / 'o21.onnx'),
+                      'opset 21', '18 to 20')
 
 
 def test_export_missing_parent_folder_is_created(work, good_checkpoint):

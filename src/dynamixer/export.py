@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .argtypes import non_negative_float, positive_int
+from .argtypes import Bounded, non_negative_float
 from .checkpoint import load_model
 from .data import class_names_for, preprocessing_transform, sample_images
 from .errors import DynaMixerError, require
@@ -46,7 +46,7 @@ DEFAULT_OPSET = 18
 
 
 class ExportError(DynaMixerError, ValueError):
-    """An export that cannot be made as asked (an unknown format, an opset the exporter cannot target)."""
+    """An export that cannot be made as asked (an unknown format, an opset the exporter cannot write)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +78,10 @@ def export_onnx(
     `metadata` (str -> str) goes into the file's metadata_props.
     """
     onnx = require('onnx', 'onnx', 'exporting to ONNX')
+    newest = onnx.defs.onnx_opset_version()
+    if not DEFAULT_OPSET <= opset <= newest:  # below 18 torch's exporter cannot convert these models
+        raise ExportError(f'opset {opset}: choose one from {DEFAULT_OPSET} to {newest}, the newest the installed '
+                          f'onnx {onnx.__version__} knows')
     path = Path(path)
     model = model.eval()
     c, h, w = model.in_chans, *model.img_size
@@ -215,7 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', '-o', default=None,
                         help='model file to write (default: next to the checkpoint, with the format\'s '
                              'extension); the preprocessing JSON goes next to it')
-    parser.add_argument('--opset', type=positive_int, default=DEFAULT_OPSET, help='ONNX opset (default %(default)s)')
+    parser.add_argument('--opset', type=Bounded(int, DEFAULT_OPSET), default=DEFAULT_OPSET,
+                        help='ONNX opset, from %(default)s (the default) to the newest the installed onnx knows')
     parser.add_argument('--atol', type=non_negative_float, default=1e-4,
                         help='largest max abs logit error accepted against PyTorch (default %(default)g)')
 

@@ -252,7 +252,7 @@ def _claim_run_folder(output: str, resume: Optional[str], overwrite: bool, is_ma
     found = holds_run(output)
     if not found:
         return
-    if resume and os.path.isdir(output) and os.path.samefile(os.path.dirname(os.path.abspath(resume)), output):
+    if resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(output):
         return  # continuing the folder's own run
     if not overwrite:
         raise RunFolderError(
