@@ -421,6 +421,21 @@ def test_resume_with_other_data_is_refused(finished_run, tmp_path):
     assert (run / 'last.pth').read_bytes() == weights
 
 
+def test_resume_after_the_classes_changed_is_refused(tmp_path):
+    """The same data folder, now with another class: the class lists are compared."""
+    data = _folder(tmp_path / 'd', ['cat', 'dog'])
+    run = tmp_path / 'run'
+    rc, out, err = run_cli('train', data, *TINY, '--batch-size', '4', '--output', run)
+    assert rc == 0, err
+    weights = (run / 'last.pth').read_bytes()
+    for split in ('train', 'val'):
+        (data / split / 'fox').mkdir()
+        _image(data / split / 'fox' / '0.png')
+    assert_user_error(run_cli('train', '--resume', run / 'last.pth', '--epochs', '2'),
+                      'trained on 2 classes', '--pretrained')
+    assert (run / 'last.pth').read_bytes() == weights
+
+
 def test_resume_with_another_dataset_is_refused(finished_run):
     base, run = finished_run
     assert_user_error(run_cli('train', '--resume', run / 'last.pth', '--dataset', 'left-digit'),
