@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from . import __version__
+from .argtypes import Bounded, non_negative_float
 from .checkpoint import load_model
 from .data import class_names_for, preprocessing_transform, sample_images
-from .errors import require
+from .errors import DynaMixerError, require
 from .inference import (INPUT_NAME, OUTPUT_NAME, PREPROCESSING_SUFFIX, OnnxClassifier, load_preprocessing,
                         predict_onnx, preprocessing_config, preprocessing_path)
-from .files import safetensors_metadata, save_safetensors
+from .files import (OutputError, atomic_write, atomic_write_text, check_output_file, safetensors_metadata,
+                    save_safetensors)
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,11 +38,15 @@ __all__ = [
     'FORMATS', 'PREPROCESSING_SUFFIX', 'class_names_for', 'preprocessing_config', 'preprocessing_path',
     'sample_images', 'eval_transform', 'export_onnx', 'export_torchscript', 'export_safetensors',
     'check_onnx', 'check_torchscript', 'export_checkpoint', 'load_preprocessing', 'OnnxClassifier',
-    'predict_onnx',
+    'predict_onnx', 'ExportError',
 ]
 
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'safetensors': '.safetensors'}
 DEFAULT_OPSET = 18
+
+
+class ExportError(DynaMixerError, ValueError):
+    """An export that cannot be made as asked (an unknown format, an opset the exporter cannot write)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,6 +78,10 @@ def export_onnx(
     `metadata` (str -> str) goes into the file's metadata_props.
     """
     onnx = require('onnx', 'onnx', 'exporting to ONNX')
+    newest = onnx.defs.onnx_opset_version()
+    if not DEFAULT_OPSET <= opset <= newest:  # below 18 torch's exporter cannot convert these models
+        raise ExportError(f'opset {opset}: choose one from {DEFAULT_OPSET} to {newest}, the newest the installed '
+                          f'onnx {onnx.__version__} knows')
     path = Path(path)
     model = model.eval()
     c, h, w = model.in_chans, *model.img_size
@@ -87,9 +97,8 @@ def export_onnx(
     for k, v in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    path.parent.mkdir(parents=True, exist_ok=True)
     # one file, weights inside (DynaMixer-L is ~390 MB, far below protobuf's 2 GB limit)
-    onnx.save_model(proto, os.fspath(path))
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     onnx.checker.check_model(os.fspath(path), full_check=True)
     return path
 
@@ -101,11 +110,10 @@ def export_torchscript(
 ) -> Path:
     """Write `model` scripted (torch.jit.script) with `extra_files` stored inside the archive."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # TorchScript is deprecated upstream but still the torch-only format
         scripted = torch.jit.script(model.eval())
-        torch.jit.save(scripted, os.fspath(path), _extra_files=extra_files or {})
+        atomic_write(path, lambda f: torch.jit.save(scripted, f, _extra_files=extra_files or {}))
     return path
 
 
@@ -156,15 +164,20 @@ def export_checkpoint(
     (empty for safetensors, whose weights are bit-exact copies).
     """
     if fmt not in FORMATS:
-        raise ValueError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
+        raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
+    if output is None:
+        output = Path(checkpoint).with_name(Path(checkpoint).name.split('.')[0] + FORMATS[fmt])
+    # where it goes is checked before the (slow) export, and the checkpoint the same way as by
+    # predict and validate (files.read_checkpoint through load_model)
+    output = Path(check_output_file(output, f'{fmt} file', 'model' + FORMATS[fmt]))
+    check_output_file(preprocessing_path(output), 'preprocessing file')
+    if os.path.exists(checkpoint) and output.exists() and os.path.samefile(checkpoint, output):
+        raise OutputError(f'the {fmt} file {output} would replace the checkpoint it is made from; give --output')
     model, info = load_model(checkpoint)
     model = model.eval()
     config = preprocessing_config(model, info['class_names'], info['model'])
     config['format'] = fmt
     config['dynamixer_version'] = __version__
-    if output is None:
-        output = Path(checkpoint).with_name(Path(checkpoint).name.split('.')[0] + FORMATS[fmt])
-    output = Path(output)
     config_text = json.dumps(config, indent=2)
     meta = {'preprocessing': config_text, 'model': str(config['model'])}
 
@@ -191,7 +204,7 @@ def export_checkpoint(
         errors['random'] = check(output, model, random_inputs)
         errors['real'] = check(output, model, _real_batch(config))
     pre_path = preprocessing_path(output)
-    pre_path.write_text(config_text + '\n', encoding='utf-8')
+    atomic_write_text(config_text + '\n', pre_path)
     return dict(path=output, preprocessing_path=pre_path, config=config, errors=errors)
 
 
@@ -206,8 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', '-o', default=None,
                         help='model file to write (default: next to the checkpoint, with the format\'s '
                              'extension); the preprocessing JSON goes next to it')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (default %(default)s)')
-    parser.add_argument('--atol', type=float, default=1e-4,
+    parser.add_argument('--opset', type=Bounded(int, DEFAULT_OPSET), default=DEFAULT_OPSET,
+                        help='ONNX opset, from %(default)s (the default) to the newest the installed onnx knows')
+    parser.add_argument('--atol', type=non_negative_float, default=1e-4,
                         help='largest max abs logit error accepted against PyTorch (default %(default)g)')
 
 

@@ -19,7 +19,7 @@ from timm.data import resolve_data_config
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data import DataError, class_names_for, load_image, preprocessing_transform
-from .errors import require
+from .errors import MissingFileError, require
 from .files import read_safetensors_metadata
 
 PathLike = Union[str, os.PathLike]
@@ -47,12 +47,7 @@ def load_inference_model(path: str, model_name: Optional[str] = None) -> Tuple[t
             if model_name == meta['model']:
                 kwargs = {k: v for k, v in meta['model_kwargs'].items() if k not in ('drop_path_rate',)}
             class_names = meta['class_names']
-    try:
-        model, info = load_model(path, model_name, **kwargs)
-    except CheckpointError:
-        raise
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f'{path}: cannot load it as {model_name or "a DynaMixer model"}: {e}') from None
+    model, info = load_model(path, model_name, **kwargs)
     if info.get('class_names') is None and class_names is not None:
         info['class_names'] = class_names
     names = info.get('class_names')
@@ -135,11 +130,18 @@ def load_preprocessing(model_path: PathLike) -> Dict[str, Any]:
     """Read the preprocessing JSON written next to an exported model file."""
     path = preprocessing_path(model_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f'{path} not found: it is written by `dynamixer export` next to {Path(model_path).name}; '
             f'keep the two files together.')
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f'{path}: cannot read the preprocessing written by `dynamixer export` ({e}); '
+                        'export the model again') from None
+    if not isinstance(config, dict) or 'input_size' not in config or 'num_classes' not in config:
+        raise DataError(f'{path} is not the preprocessing JSON `dynamixer export` writes; export the model again')
+    return config
 
 
 # ---- exported ONNX files (ONNX Runtime, no PyTorch model needed) --------------------------------
@@ -154,11 +156,15 @@ class OnnxClassifier:
     def __init__(self, onnx_path: PathLike):
         ort = require('onnxruntime', 'onnx', 'running an exported ONNX file')
         if not Path(onnx_path).is_file():
-            raise FileNotFoundError(f'ONNX file not found: {onnx_path}')
+            raise MissingFileError(f'ONNX file not found: {onnx_path}')
         self.config = load_preprocessing(onnx_path)
         self.transform = preprocessing_transform(self.config)
         self.class_names = class_names_for(self.config['num_classes'], self.config.get('class_names'))
-        self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
+        try:
+            self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise CheckpointError(f'{onnx_path}: ONNX Runtime cannot load it, it is not a whole ONNX file '
+                                  f'({type(e).__name__}: {str(e)[:300]}); export it again') from None
         self._input = self.config.get('input_name', INPUT_NAME)
         self._output = self.config.get('output_name', OUTPUT_NAME)
 

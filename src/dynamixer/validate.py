@@ -8,15 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .checkpoint import CheckpointError
+from .argtypes import non_negative_int, positive_int
 from .data import DataError, DigitsDataset, check_image_folder, eval_transform, find_split, image_folder_dataset
 from .engine import evaluate, resolve_device
-from .errors import DynaMixerError
 from .inference import load_inference_model
 
 __all__ = ['validate', 'add_arguments', 'run']
@@ -52,6 +50,8 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
     else:
         if not data:
             raise DataError('give a data folder (DATA/val/<class>/*.jpg), or --dataset digits')
+        if not os.path.isdir(data):
+            raise DataError(f'data folder not found: {data}')
         if not info['has_class_names']:  # authors' checkpoints have no class names: folder order
             folders = check_image_folder(data, split)[1] if find_split(data, split) else sorted(os.listdir(data))
             if len(folders) != info['num_classes']:
@@ -72,20 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--split', default='validation', help='sub-folder to evaluate (val/validation searched)')
     parser.add_argument('--dataset', default='', help="'digits' for the embedded validation split")
     parser.add_argument('--model', default=None, help='model name, when the checkpoint does not record it')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--batch-size', type=positive_int, default=64, help='images per forward pass')
+    parser.add_argument('--workers', type=non_negative_int, default=2, help='data loading processes (0: none)')
     parser.add_argument('--bad-images', default='skip', choices=['skip', 'error', 'off'])
     parser.add_argument('--device', default='auto')
     parser.add_argument('--json', action='store_true', help='print the result as JSON')
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        r = validate(args.checkpoint, args.data, args.split, args.model, args.dataset, args.batch_size,
-                     args.workers, args.bad_images, args.device)
-    except (DynaMixerError, CheckpointError, DataError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    r = validate(args.checkpoint, args.data, args.split, args.model, args.dataset, args.batch_size,
+                 args.workers, args.bad_images, args.device)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
