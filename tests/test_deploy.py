@@ -24,9 +24,10 @@ import dynamixer
 from dynamixer import cli
 from dynamixer.checkpoint import load_model
 from dynamixer.export import (
-    class_names_for, eval_transform, load_preprocessing, predict_onnx, preprocessing_config,
+    class_names_for, eval_transform, load_preprocessing, preprocessing_config,
     preprocessing_path, sample_images,
 )
+from dynamixer.predict import predict_onnx
 
 try:  # the `onnx` extra; without it only the ONNX tests skip (through the onnx_export fixture)
     import onnx

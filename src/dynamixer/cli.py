@@ -8,6 +8,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import DynaMixerError
+
 # name -> (module, one-line help)
 COMMANDS = {
     'info': ('dynamixer.info', 'build every model, check it and print the model table'),
@@ -40,7 +42,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except DynaMixerError as e:  # the user's to fix (see errors.py): one line, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,8 +27,7 @@ PathLike = Union[str, os.PathLike]
 __all__ = [
     'FORMATS', 'PREPROCESSING_SUFFIX', 'class_names_for', 'preprocessing_config', 'preprocessing_path',
     'sample_images', 'eval_transform', 'export_onnx', 'export_torchscript', 'export_safetensors',
-    'check_onnx', 'check_torchscript', 'export_checkpoint', 'load_preprocessing', 'OnnxClassifier',
-    'predict_onnx',
+    'check_onnx', 'check_torchscript', 'export_checkpoint', 'load_preprocessing',
 ]
 
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'safetensors': '.safetensors'}
@@ -260,54 +259,6 @@ def export_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------
-# Prediction from an exported ONNX file (ONNX Runtime, no PyTorch model needed)
-# --------------------------------------------------------------------------------------------
-
-class OnnxClassifier:
-    """An exported ONNX file with its preprocessing JSON, run by ONNX Runtime.
-
-    `transform` maps a PIL image to a (C, H, W) tensor, `logits` a (B, C, H, W) batch to
-    (B, num_classes) logits; `class_names` lists the names of the classes.
-    """
-
-    def __init__(self, onnx_path: PathLike):
-        import onnxruntime as ort
-        if not Path(onnx_path).is_file():
-            raise FileNotFoundError(f'ONNX file not found: {onnx_path}')
-        self.config = load_preprocessing(onnx_path)
-        self.transform = eval_transform(self.config)
-        self.class_names = class_names_for(self.config['num_classes'], self.config.get('class_names'))
-        self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
-        self._input = self.config.get('input_name', INPUT_NAME)
-        self._output = self.config.get('output_name', OUTPUT_NAME)
-
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.session.run([self._output], {self._input: batch.numpy().astype(np.float32)})[0]
-        return torch.from_numpy(out)
-
-
-def predict_onnx(
-        onnx_path: PathLike,
-        image_paths: Sequence[PathLike],
-        topk: int = 5,
-        batch_size: int = 32,
-) -> List[List[Tuple[int, str, float]]]:
-    """Top-k (index, class name, probability) per image from an exported ONNX file, with the
-    preprocessing and ranking of `dynamixer predict`. Raises DataError for unreadable images."""
-    from .data import DataError
-    from .predict import preprocess, topk as rank
-    clf = OnnxClassifier(onnx_path)
-    results: List[List[Tuple[int, str, float]]] = []
-    paths = [os.fspath(p) for p in image_paths]
-    for start in range(0, len(paths), batch_size):
-        batch, _, failed = preprocess(paths[start:start + batch_size], clf.transform)
-        if failed:
-            raise DataError('; '.join(e for _, e in failed))
-        results += rank(clf.logits(batch).softmax(dim=-1), clf.class_names, topk)
-    return results
-
-
-# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -321,9 +272,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (default %(default)s)')
     parser.add_argument('--atol', type=float, default=1e-4,
                         help='largest max abs logit error accepted against PyTorch (default %(default)g)')
+    int8 = parser.add_argument_group('int8 (see docs/deploy.md)')
+    int8.add_argument('--quantize', choices=['int8'], default=None,
+                      help='write an int8 model: onnx via ONNX Runtime quantisation (dynamic, or static with '
+                           '--calibration), torchscript via dynamic int8 Linear layers')
+    int8.add_argument('--calibration', metavar='DIR', default=None,
+                      help='folder of images for static int8 ONNX quantisation (eval transform applied)')
+    int8.add_argument('--calibration-size', type=int, default=256, help='at most this many calibration images')
+    int8.add_argument('--keep-float', nargs='*', default=None, metavar='PART',
+                      help='model parts left in float (generator, mix, reduce, proj, reweight, mlp, head, '
+                           'conv); default: dynamixer.quantize.DEFAULT_KEEP_FLOAT')
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, 'quantize', None):
+        from . import quantize  # imports this module (one way); only needed for int8
+        keep = quantize.DEFAULT_KEEP_FLOAT if args.keep_float is None else args.keep_float
+        result = quantize.export_int8(args.checkpoint, args.format, args.output, args.calibration, keep,
+                                      args.calibration_size, args.opset)
+        quantize.print_int8_export(result, args.format)
+        return 0
     result = export_checkpoint(args.checkpoint, args.format, args.output, opset=args.opset)
     cfg = result['config']
     size_mb = os.path.getsize(result['path']) / 2 ** 20

@@ -3,23 +3,27 @@
 The pieces are separate so other back-ends (e.g. ONNX Runtime) reuse them:
 ``load_inference_model`` (checkpoint -> model, class names), ``preprocess`` (image files -> batch
 tensor with the model's eval transform), ``topk`` / ``format_predictions`` (probabilities ->
-ranked class names -> text). ``--onnx FILE`` runs an exported ONNX file instead
-(``dynamixer.export.OnnxClassifier``) through the same preprocessing and ranking.
+ranked class names -> text). ``--onnx FILE`` (or an ``.onnx`` file given as the checkpoint) runs
+an exported ONNX file, float32 or int8, instead (``dynamixer.runtime.OnnxClassifier``) through the
+same preprocessing and ranking.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data import DataError, eval_transform, load_image
+from .errors import DynaMixerError
+from .runtime import OnnxClassifier, is_onnx_file
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
-           'add_arguments', 'run']
+           'predict_onnx', 'add_arguments', 'run']
 
 
 def _safetensors_metadata(path: str) -> Dict[str, str]:
@@ -93,6 +97,9 @@ def topk(probs: torch.Tensor, class_names: Sequence[str], k: int = 5) -> List[Li
     return [[(int(i), class_names[int(i)], float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(values, indices)]
 
 
+_topk = topk  # for predict_onnx, whose argument `topk` (the count) shadows the function
+
+
 def format_predictions(paths: Sequence[str], ranked: Sequence[Sequence[Tuple[int, str, float]]],
                        as_json: bool = False) -> str:
     """Text (or JSON) for the top-k lists of each image."""
@@ -107,14 +114,33 @@ def format_predictions(paths: Sequence[str], ranked: Sequence[Sequence[Tuple[int
     return '\n'.join(lines)
 
 
+def predict_onnx(
+        onnx_path: str,
+        image_paths: Sequence[str],
+        topk: int = 5,
+        batch_size: int = 32,
+) -> List[List[Tuple[int, str, float]]]:
+    """Top-k (index, class name, probability) per image from an exported ONNX file, with the
+    preprocessing and ranking of `dynamixer predict`. Raises DataError for unreadable images."""
+    clf = OnnxClassifier(onnx_path)
+    results: List[List[Tuple[int, str, float]]] = []
+    paths = [os.fspath(p) for p in image_paths]
+    for start in range(0, len(paths), batch_size):
+        batch, _, failed = preprocess(paths[start:start + batch_size], clf.transform)
+        if failed:
+            raise DataError('; '.join(e for _, e in failed))
+        results += _topk(clf(batch).softmax(dim=-1), clf.class_names, topk)
+    return results
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-c', '--checkpoint',
                         help="a checkpoint: this project's (.pth), the authors', or .safetensors")
     source.add_argument('--onnx', metavar='FILE',
-                        help='an ONNX file from `dynamixer export` (with its .preprocessing.json), run '
-                             'by ONNX Runtime instead of PyTorch')
+                        help='an ONNX file from `dynamixer export`, float32 or int8 (with its '
+                             '.preprocessing.json), run by ONNX Runtime instead of PyTorch')
     parser.add_argument('--model', default=None, help='model name, when the checkpoint does not record it')
     parser.add_argument('-k', '--top-k', type=int, default=5, help='how many classes to show per image')
     parser.add_argument('--batch-size', type=int, default=32)
@@ -123,15 +149,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if getattr(args, 'onnx', None):
-            from .export import OnnxClassifier  # preprocessing and class names from the export's JSON
-            clf = OnnxClassifier(args.onnx)
-            model, transform, names = clf.logits, clf.transform, clf.class_names
+        onnx_path = getattr(args, 'onnx', None) or (args.checkpoint if is_onnx_file(args.checkpoint) else None)
+        if onnx_path:
+            clf = OnnxClassifier(onnx_path)  # preprocessing and class names from the export's JSON
+            model, transform, names = clf, clf.transform, clf.class_names
         else:
             model, info = load_inference_model(args.checkpoint, args.model)
             transform = eval_transform(model)
             names = info['class_names']
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, DynaMixerError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     all_paths: List[str] = []

@@ -1,7 +1,9 @@
 """`dynamixer validate`: top-1 / top-5 accuracy and loss of a checkpoint on a labelled data set.
 
 The images go through the model's own evaluation transform (resize by its crop_pct with its
-interpolation, centre crop, normalise), from its pretrained config.
+interpolation, centre crop, normalise), from its pretrained config. An exported ``.onnx`` file
+(float32 or int8) is evaluated the same way in ONNX Runtime, with the transform and class names
+of its preprocessing JSON (`dynamixer.runtime.OnnxClassifier`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 
 from .checkpoint import CheckpointError
 from .data import DataError, DigitsDataset, _apply_bad_image_policy, _find_split, check_image_folder, eval_transform
+from .errors import DynaMixerError
 from .predict import load_inference_model
+from .runtime import OnnxClassifier, is_onnx_file
 
 __all__ = ['validate', 'add_arguments', 'run']
 
@@ -46,9 +50,17 @@ def _folder_dataset(data: str, split: str, class_names: List[str], bad_images: s
 def validate(checkpoint: str, data: Optional[str], split: str = 'validation', model_name: Optional[str] = None,
              dataset: str = '', batch_size: int = 64, workers: int = 2, bad_images: str = 'skip',
              device: str = 'auto') -> Dict[str, Any]:
-    """Evaluate `checkpoint` on `data`; returns dict(top1, top5, loss, images, model)."""
+    """Evaluate `checkpoint` (or an exported .onnx file) on `data`; returns dict(top1, top5, loss,
+    images, model, checkpoint)."""
     from .train import evaluate
-    model, info = load_inference_model(checkpoint, model_name)
+    if is_onnx_file(checkpoint):
+        model = OnnxClassifier(checkpoint)  # ONNX Runtime on the CPU
+        info = dict(model=model.config.get('model'), class_names=model.class_names, has_class_names=True,
+                    num_classes=model.num_classes)
+        transform, device = model.transform, 'cpu'
+    else:
+        model, info = load_inference_model(checkpoint, model_name)
+        transform = eval_transform(model)
     names = info['class_names']
     if dataset == 'digits':
         # upsampled straight to the model's input size, as in training
@@ -65,7 +77,7 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
                                 f'{len(folders)} class folders')
             names = folders
         ds = _folder_dataset(data, split, names, bad_images)
-    ds.transform = eval_transform(model)
+    ds.transform = transform
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
                        ('cpu' if device == 'auto' else device))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
@@ -74,7 +86,8 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('checkpoint', help="checkpoint: this project's (.pth), the authors', or .safetensors")
+    parser.add_argument('checkpoint', help="checkpoint: this project's (.pth), the authors', or .safetensors; "
+                                           'or an .onnx file from `dynamixer export` (float32 or int8)')
     parser.add_argument('data', nargs='?', default=None, help='data folder (DATA/val/<class>/ or DATA/<class>/)')
     parser.add_argument('--split', default='validation', help='sub-folder to evaluate (val/validation searched)')
     parser.add_argument('--dataset', default='', help="'digits' for the embedded validation split")
@@ -90,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         r = validate(args.checkpoint, args.data, args.split, args.model, args.dataset, args.batch_size,
                      args.workers, args.bad_images, args.device)
-    except (CheckpointError, DataError, FileNotFoundError) as e:
+    except (CheckpointError, DataError, DynaMixerError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if args.json:
