@@ -263,7 +263,8 @@ def export_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('checkpoint', help='training checkpoint, authors\' checkpoint or weights file')
+    parser.add_argument('checkpoint', help='training checkpoint, authors\' checkpoint or weights file (with '
+                                           '--quantize int8 also a float .onnx file from this command)')
     parser.add_argument('--format', default='onnx', choices=list(FORMATS),
                         help='onnx (ONNX Runtime etc.), torchscript (torch only) or safetensors (weights)')
     parser.add_argument('--output', '-o', default=None,

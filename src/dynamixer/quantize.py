@@ -52,7 +52,7 @@ from .export import (
     FORMATS, INPUT_NAME, _real_batch, eval_transform, export_checkpoint, export_torchscript, load_preprocessing,
     preprocessing_config, preprocessing_path,
 )
-from .runtime import OnnxClassifier
+from .runtime import OnnxClassifier, is_onnx_file
 
 __all__ = [
     'PARTS', 'DEFAULT_KEEP_FLOAT', 'MODES', 'STATIC_OP_TYPES', 'IMAGE_EXTENSIONS', 'node_parts',
@@ -366,7 +366,8 @@ def export_int8(
         calibration_size: int = 256,
         opset: int = 18,
 ) -> Dict[str, Any]:
-    """Export a checkpoint as an int8 model file plus its preprocessing JSON.
+    """Export a checkpoint (or quantise a float .onnx file from ``dynamixer export``) as an int8
+    model file plus its preprocessing JSON.
 
     'onnx': the float ONNX export (checked against PyTorch), then `quantize_onnx` (dynamic, or
     static when `calibration` names an image folder). 'torchscript': `quantize_model` with the
@@ -385,21 +386,31 @@ def export_int8(
                              'quantises activations dynamically and needs no calibration images')
     keep = _check_parts(keep_float)
     ckpt = Path(checkpoint)
+    from_onnx = is_onnx_file(ckpt)
+    if from_onnx and fmt != 'onnx':
+        raise DynaMixerError(f'{ckpt.name} is an ONNX file: it can only be quantised to ONNX (--format onnx)')
     if output is None:
         output = ckpt.with_name(ckpt.name.split('.')[0] + '.int8' + FORMATS[fmt])
     output = Path(output)
+    if output.resolve() == ckpt.resolve():
+        raise DynaMixerError(f'the int8 file would overwrite {ckpt}: give another --output')
     gen = torch.Generator().manual_seed(0)
     result: Dict[str, Any] = dict(path=output, float_errors={}, quantized={}, kept_float={})
+    mode = 'static' if calibration is not None else 'dynamic'
     if fmt == 'onnx':
         with tempfile.TemporaryDirectory() as tmp:
-            float_path = Path(tmp) / (output.name.replace('.int8', '') or 'float.onnx')
-            exported = export_checkpoint(checkpoint, 'onnx', float_path, opset=opset)
-            result['float_errors'] = exported['errors']
-            q = quantize_onnx(float_path, output, mode='static' if calibration is not None else 'dynamic',
-                              calibration=calibration, keep_float=keep, calibration_size=calibration_size)
+            if from_onnx:  # quantise an existing float export; compare against it
+                float_path = ckpt
+            else:
+                float_path = Path(tmp) / (output.name.replace('.int8', '') or 'float.onnx')
+                exported = export_checkpoint(checkpoint, 'onnx', float_path, opset=opset)
+                result['float_errors'] = exported['errors']
+            q = quantize_onnx(float_path, output, mode=mode, calibration=calibration, keep_float=keep,
+                              calibration_size=calibration_size)
+            model = OnnxClassifier(float_path) if from_onnx else load_model(checkpoint)[0]
         result.update(preprocessing_path=q['preprocessing_path'], config=q['config'],
-                      quantized=q['quantized'], kept_float=q['kept_float'])
-        model, _ = load_model(checkpoint)
+                      quantized=q['quantized'], kept_float=q['kept_float'], reference='float ONNX' if from_onnx
+                      else 'float PyTorch')
         run_int8: nn.Module = OnnxClassifier(output)
     else:
         model, info = load_model(checkpoint)
@@ -414,7 +425,7 @@ def export_int8(
         export_torchscript(qmodel, output, extra_files={'preprocessing.json': text})
         pre = preprocessing_path(output)
         pre.write_text(text + '\n', encoding='utf-8')
-        result.update(preprocessing_path=pre, config=config)
+        result.update(preprocessing_path=pre, config=config, reference='float PyTorch')
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             run_int8 = torch.jit.load(os.fspath(output), map_location='cpu')
@@ -442,5 +453,5 @@ def print_int8_export(result: Dict[str, Any], fmt: str) -> None:
           f"{cfg['interpolation']}, crop_pct {cfg['crop_pct']})")
     for kind, c in result['checks'].items():
         what = 'random inputs (batch 3)' if kind == 'random' else 'real images (batch 6, eval transform)'
-        print(f"check int8 {fmt} vs float PyTorch on {what}: max abs logit error {c['max_abs_error']:.3g}, "
+        print(f"check int8 {fmt} vs {result['reference']} on {what}: max abs logit error {c['max_abs_error']:.3g}, "
               f"top-1 agreement {100 * c['top1_agreement']:.0f}%")
