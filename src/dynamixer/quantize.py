@@ -27,11 +27,13 @@ measurements behind the choice. LayerNorm, softmax, GELU and the residual adds a
 float: dynamic quantisation never touches them, and static quantisation is restricted to
 ``MatMul``/``Gemm``/``Conv`` (`STATIC_OP_TYPES`) for the same reason.
 
-PyTorch (`quantize_model`): dynamic int8 of the ``nn.Linear`` layers, with torchao's
-``Int8DynamicActivationInt8WeightConfig`` (``backend='torchao'``, the route PyTorch recommends
-now that ``torch.ao.quantization`` is deprecated) or ``torch.ao.quantization.quantize_dynamic``
-(``backend='torch.ao'``, the form TorchScript can serialise; used by
-``dynamixer export CKPT --format torchscript --quantize int8``).
+PyTorch (`quantize_model`): dynamic int8 of the ``nn.Linear`` layers, with
+``torch.ao.quantization.quantize_dynamic`` (``backend='torch.ao'``, the default: fbgemm int8
+kernels on x86 CPUs, and the form TorchScript serialises, used by
+``dynamixer export CKPT --format torchscript --quantize int8``) or torchao's
+``Int8DynamicActivationInt8WeightConfig`` (``backend='torchao'``, the route PyTorch recommends now
+that ``torch.ao.quantization`` is deprecated; torchao 0.18 installs and runs with torch 2.14 here,
+closer to float, but about 13x slower than float32 on this CPU -- see docs/deploy.md).
 """
 from __future__ import annotations
 
@@ -313,16 +315,16 @@ def _skip_fqn(keep_float: Sequence[str]) -> Callable[[str], bool]:
 
 def quantize_model(
         model: nn.Module,
-        backend: str = 'torchao',
+        backend: str = 'torch.ao',
         keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT,
         inplace: bool = False,
 ) -> nn.Module:
     """Dynamic int8 of the model's ``nn.Linear`` layers (weights int8 per channel, activations
     quantised per call), for inference on the CPU. Returns the quantised model in eval mode.
 
-    `backend` 'torchao': torchao's ``quantize_(model, Int8DynamicActivationInt8WeightConfig())``
-    (``pip install "dynamixer[int8]"``); 'torch.ao': ``torch.ao.quantization.quantize_dynamic``
-    (built into torch, deprecated upstream, but the form TorchScript serialises). Linear layers of
+    `backend` 'torch.ao': ``torch.ao.quantization.quantize_dynamic`` (built into torch, deprecated
+    upstream, fast on x86 CPUs, the form TorchScript serialises); 'torchao': torchao's
+    ``quantize_(model, Int8DynamicActivationInt8WeightConfig())`` (``pip install "dynamixer[int8]"``). Linear layers of
     the parts in `keep_float` (see `PARTS`; 'mix' has no Linear) stay float32.
     """
     if backend not in BACKENDS:
