@@ -72,6 +72,11 @@ def test_markdown_section_relative_column_and_from_json(tmp_path):
     assert rc == 0, err
     assert doc.read_text() == before and 'round' not in err
     assert list(csv.DictReader(open(tmp_path / 'again.csv')))[0]['model'] == 'dynamixer_nano'
+    # a document that does not exist yet gets just the section
+    rc, _, err = _cli('benchmark', '--from-json', tmp_path / 'r.json', '--markdown', tmp_path / 'new.md')
+    new = (tmp_path / 'new.md').read_text()
+    assert rc == 0 and new.startswith('<!-- dynamixer benchmark: comparison -->\n```\nmachine: ')
+    assert new.endswith('<!-- /dynamixer benchmark: comparison -->\n') and '| dynamixer_nano | eager |' in new
     # a document without the section's markers is left alone, with a message saying what to add
     rc, _, err = _cli('benchmark', '--from-json', tmp_path / 'r.json', '--markdown', doc, '--section', 'other')
     assert rc == 2 and '<!-- dynamixer benchmark: other -->' in err and doc.read_text() == before
