@@ -106,7 +106,8 @@ def test_int8_runs_in_onnxruntime_alone(dynamic_int8, work):
             sys.modules[name] = None
         import numpy as np, onnxruntime as ort
         s = ort.InferenceSession({str(dynamic_int8[0])!r}, providers=['CPUExecutionProvider'])
-        np.save({str(work['dir'] / 'y.npy')!r}, s.run(['logits'], {{'input': np.load({str(work['dir'] / 'x.npy')!r})}})[0])
+        x = np.load({str(work['dir'] / 'x.npy')!r})
+        np.save({str(work['dir'] / 'y.npy')!r}, s.run(['logits'], {{'input': x}})[0])
     ''')
     subprocess.run([sys.executable, '-I', '-c', code], check=True, timeout=120)
     y = np.load(work['dir'] / 'y.npy')

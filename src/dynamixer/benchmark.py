@@ -93,8 +93,8 @@ def check_runtimes(runtimes: Sequence[str], device: torch.device) -> None:
     for rt in runtimes:
         if rt not in RUNTIMES:
             close = difflib.get_close_matches(rt, RUNTIMES, n=2)
-            raise DynaMixerError(f'unknown runtime {rt!r}{" (did you mean " + " or ".join(close) + "?)" if close else ""}; '
-                                 f'choose from {", ".join(RUNTIMES)}')
+            hint = f' (did you mean {" or ".join(close)}?)' if close else ''
+            raise DynaMixerError(f'unknown runtime {rt!r}{hint}; choose from {", ".join(RUNTIMES)}')
     if any(rt in ('onnx', 'int8') for rt in runtimes):
         for module in ('onnx', 'onnxscript', 'onnxruntime'):
             require(module, 'onnx', 'the onnx and int8 runtimes of dynamixer benchmark')
@@ -283,7 +283,8 @@ def _failure(e: BaseException) -> str:
     return 'out of memory' if _is_oom(e) else f'{type(e).__name__}: {str(e)[:200]}'
 
 
-def benchmark(args: argparse.Namespace, progress: Optional[Callable[[str], None]] = None) -> Tuple[List[Dict], List[str]]:
+def benchmark(args: argparse.Namespace,
+              progress: Optional[Callable[[str], None]] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
     """Run the benchmark described by parsed `args`; returns (rows, notes).
 
     A variant that fails at a batch size (out of memory, or a runtime that cannot run the model)

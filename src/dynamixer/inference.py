@@ -153,7 +153,7 @@ def is_onnx_file(path: PathLike) -> bool:
     return str(path).lower().endswith('.onnx')
 
 
-def ort_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+def ort_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None) -> Any:
     """An ONNX Runtime InferenceSession for `path`: `threads` intra-op threads (None: ONNX
     Runtime's default, one per physical core) and one inter-op thread (the graph is a chain).
     Raises MissingDependencyError naming the `onnx` extra when onnxruntime is not installed."""

@@ -108,7 +108,7 @@ def _part_of(op_type: str, scopes: Sequence[str]) -> Optional[str]:
     return None
 
 
-def node_parts(model) -> Dict[str, str]:
+def node_parts(model: Any) -> Dict[str, str]:
     """Node name -> model part (see the module docstring) for every MatMul / Gemm / Conv node of an
     ONNX model (a ``ModelProto`` from ``dynamixer export``) that can be attributed to one."""
     parts: Dict[str, str] = {}
@@ -255,7 +255,8 @@ def quantize_onnx(
                 quantize_dynamic(os.fspath(model_in), os.fspath(dst), op_types_to_quantize=op_types,
                                  per_channel=per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
             else:
-                quantize_static(os.fspath(model_in), os.fspath(dst), _reader(config.get('input_name', INPUT_NAME), batches),
+                reader = _reader(config.get('input_name', INPUT_NAME), batches)
+                quantize_static(os.fspath(model_in), os.fspath(dst), reader,
                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                                 per_channel=per_channel, activation_type=QuantType.QInt8,
                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
