@@ -29,6 +29,8 @@ COMMANDS = {
     'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
     'ablate': ('dynamixer.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
                                    'block) and tabulate top-1 over seeds'),
+    'benchmark': ('dynamixer.benchmark', 'throughput and latency of models (this library\'s and timm\'s) per '
+                                         'runtime, precision and batch size'),
     'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
                                              'for given images'),
 }

@@ -1,7 +1,9 @@
 """`dynamixer validate`: top-1 / top-5 accuracy and loss of a checkpoint on a labelled data set.
 
 The images go through the model's own evaluation transform (resize by its crop_pct with its
-interpolation, centre crop, normalise), from its pretrained config.
+interpolation, centre crop, normalise), from its pretrained config. An exported ``.onnx`` file
+(float32 or int8) is evaluated the same way in ONNX Runtime on the CPU, with the transform and
+class names of its preprocessing JSON (`dynamixer.inference.OnnxClassifier`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from .argtypes import non_negative_int, positive_int
 from .data import DataError, DigitsDataset, check_image_folder, eval_transform, find_split, image_folder_dataset
 from .engine import evaluate, resolve_device
-from .inference import load_inference_model
+from .inference import OnnxClassifier, is_onnx_file, load_inference_model
 
 __all__ = ['validate', 'add_arguments', 'run']
 
@@ -39,8 +41,16 @@ def _folder_dataset(data: str, split: str, class_names: List[str], bad_images: s
 def validate(checkpoint: str, data: Optional[str], split: str = 'validation', model_name: Optional[str] = None,
              dataset: str = '', batch_size: int = 64, workers: int = 2, bad_images: str = 'skip',
              device: str = 'auto') -> Dict[str, Any]:
-    """Evaluate `checkpoint` on `data`; returns dict(top1, top5, loss, images, model)."""
-    model, info = load_inference_model(checkpoint, model_name)
+    """Evaluate `checkpoint` (or an exported .onnx file) on `data`; returns dict(top1, top5, loss,
+    images, model, checkpoint)."""
+    if is_onnx_file(checkpoint):
+        model = OnnxClassifier(checkpoint)
+        info = dict(model=model.config.get('model'), class_names=model.class_names, has_class_names=True,
+                    num_classes=model.num_classes)
+        transform, device = model.transform, 'cpu'  # ONNX Runtime's CPU provider
+    else:
+        model, info = load_inference_model(checkpoint, model_name)
+        transform = eval_transform(model)
     names = info['class_names']
     if dataset == 'digits':
         # upsampled straight to the model's input size, as in training
@@ -59,7 +69,7 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
                                 f'{len(folders)} class folders')
             names = folders
         ds = _folder_dataset(data, split, names, bad_images)
-    ds.transform = eval_transform(model)
+    ds.transform = transform
     dev = resolve_device(device)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
     result = evaluate(model.to(dev), loader, dev, None)
@@ -67,7 +77,8 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('checkpoint', help="checkpoint: this project's (.pth), the authors', or .safetensors")
+    parser.add_argument('checkpoint', help="checkpoint: this project's (.pth), the authors', or .safetensors; "
+                                           'or an .onnx file from `dynamixer export` (float32 or int8)')
     parser.add_argument('data', nargs='?', default=None, help='data folder (DATA/val/<class>/ or DATA/<class>/)')
     parser.add_argument('--split', default='validation', help='sub-folder to evaluate (val/validation searched)')
     parser.add_argument('--dataset', default='', help="'digits' for the embedded validation split")
