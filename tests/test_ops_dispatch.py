@@ -204,6 +204,28 @@ def test_explain_paths_on_nano():
     assert len(paths) == 8 * 4
 
 
+def test_empty_batch_takes_the_plain_path():
+    """A batch of 0 goes down the plain path (the fast kernels split their work by batch) and gives
+    the plain path's empty result, with and without autograd; a batch of 1 still takes the fast one."""
+    model = random_nano().eval()
+    empty, one = torch.empty(0, 3, 32, 32, dtype=torch.float64), torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert set(dynamixer.explain_paths(model, one).values()) == {'fast-inference'}
+        assert set(dynamixer.explain_paths(model, empty).values()) == {'plain'}
+        with dynamixer.set_fast_path(False):
+            plain = model(empty)
+        out = model(empty)
+    assert out.shape == plain.shape == (0, 5) and out.dtype == plain.dtype
+    model.train()
+    assert 'fast-train' in dynamixer.explain_paths(model, one).values()
+    x = empty.clone().requires_grad_()
+    assert set(dynamixer.explain_paths(model, x).values()) == {'plain'}
+    y = model(x)
+    y.sum().backward()
+    assert y.shape == (0, 5) and x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+
+
 # ------------------------------------------------------------------ the compiled CPU kernels' rules
 
 

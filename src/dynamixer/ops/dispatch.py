@@ -11,6 +11,7 @@ switch off (`set_fast_path(False)`,                    plain
 TorchScript, FX tracing, `torch.compile`               plain (callers guard `torch.jit.is_scripting`)
 ``mixing='static'``, a sequence < FAST_PATH_MIN_TOKENS plain token mixing (set at construction)
 device other than CPU / CUDA (meta, ...)               plain
+an empty input (batch of 0)                            plain (the kernels split by batch)
 CPU autocast                                           plain (its casts define the function)
 CUDA autocast                                          triton only, else plain
 a module the fast path bypasses is not the exact       plain
@@ -249,6 +250,8 @@ def _exact(module: Optional[nn.Module], cls: type) -> bool:
 def _eager_device(x: torch.Tensor) -> Optional[str]:
     """'cpu' / 'cuda' when the fast code may run on x at all (eager, switch on), else None."""
     if not _enabled or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+        return None
+    if x.numel() == 0:  # an empty batch: the plain path returns an empty result, as timm's models do
         return None
     device = x.device.type
     return device if device in ('cpu', 'cuda') else None
