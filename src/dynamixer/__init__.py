@@ -12,7 +12,7 @@ from .model import (
 from .checkpoint import CheckpointError, load_model, read_checkpoint, validate_checkpoint_file
 from .errors import DynaMixerError
 from .layout import unwrap_state_dict
-from .ops import explain_paths, fast_path_enabled, set_fast_path
+from .ops import cpu_kernels_mode, explain_paths, fast_path_enabled, set_cpu_kernels, set_fast_path
 from .resample import resample_state_dict
 
 __version__ = '0.1.0'
