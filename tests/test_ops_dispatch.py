@@ -193,6 +193,27 @@ def test_hooks_and_swapped_modules_take_the_plain_path():
         assert dynamixer.explain_paths(blk, x)[''] == 'fast-inference'
 
 
+class _WeightSubclass(torch.Tensor):
+    """Stands in for torchao's int8 weights and FSDP's DTensor: the module stays, its weight is a subclass."""
+
+
+def test_weights_swapped_for_tensor_subclasses_take_the_plain_path():
+    blk = randomize_(DynaMixerBlock(8, (4, 4), 2, 2).double(), std=0.3)
+    layer = MixerLayer(8, (4, 4), 2, 2).double()
+    x = torch.randn(2, 4, 4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = blk(x)
+        assert dynamixer.explain_paths(blk, x)[''] == 'fast-inference'
+        gen = blk.mix_w.generate
+        gen.weight = torch.nn.Parameter(gen.weight.detach().as_subclass(_WeightSubclass))
+        assert dynamixer.explain_paths(blk, x)[''] == 'plain'
+        torch.testing.assert_close(blk(x).as_subclass(torch.Tensor), expected, rtol=1e-10, atol=1e-12)
+        assert dispatch.mlp_path(layer.eval(), x) == 'fast-inference'
+        fc = layer.mlp.fc2
+        fc.bias = torch.nn.Parameter(fc.bias.detach().as_subclass(_WeightSubclass))
+        assert dispatch.mlp_path(layer, x) == 'plain'
+
+
 def test_explain_paths_on_nano():
     model = timm.create_model('dynamixer_nano').eval()
     x = torch.randn(1, 3, 32, 32)

@@ -313,11 +313,6 @@ def _skip_fqn(keep_float: Sequence[str]) -> Callable[[str], bool]:
     return skip
 
 
-def _plain_path_only(module: nn.Module, args: Any) -> None:
-    """A forward pre-hook that does nothing: its presence keeps the dispatch on the plain path."""
-    return None
-
-
 def quantize_model(
         model: nn.Module,
         backend: str = 'torch.ao',
@@ -343,12 +338,8 @@ def quantize_model(
         ao = require('torchao.quantization', 'int8', 'PyTorch int8 with torchao')
         ao.quantize_(model, ao.Int8DynamicActivationInt8WeightConfig(),
                      filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not skip(fqn))
-        # torchao keeps the nn.Linear modules and swaps their weights for int8 tensor subclasses,
-        # which the fast paths (they read .weight) cannot take; a hooked module sends its block
-        # or MLP to the plain path (docs/fast_path.md), which calls the modules
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and type(m.weight) is not nn.Parameter:
-                m.register_forward_pre_hook(_plain_path_only)
+        # torchao keeps the nn.Linear modules and swaps their weights for int8 tensor subclasses;
+        # the dispatch sees those and sends their blocks and MLPs to the plain path (docs/fast_path.md)
         return model
     names = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not skip(name)}
     with warnings.catch_warnings():

@@ -242,9 +242,15 @@ def _no_hooks(module: nn.Module) -> bool:
                 or module._backward_hooks or module._backward_pre_hooks)
 
 
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
 def _exact(module: Optional[nn.Module], cls: type) -> bool:
-    """`module` is exactly `cls` (not a subclass, wrapper or quantised swap) and has no hooks."""
-    return type(module) is cls and _no_hooks(module)
+    """`module` is exactly `cls` (not a subclass, wrapper or quantised swap), has no hooks, and its
+    own weights are plain tensors: torchao's int8 and FSDP's DTensor keep the module and swap its
+    weights for tensor subclasses, which the fast code (it reads `.weight` into matmuls) cannot take."""
+    return (type(module) is cls and _no_hooks(module)
+            and all(type(p) in _PLAIN_TENSOR_TYPES for p in module._parameters.values() if p is not None))
 
 
 def _eager_device(x: torch.Tensor) -> Optional[str]:
