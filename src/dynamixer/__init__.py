@@ -11,6 +11,7 @@ from .model import (
 )
 from .checkpoint import CheckpointError, read_checkpoint, validate_checkpoint_file
 from .resample import resample_state_dict
+from .dense import pyramid_backbone
 
 __version__ = '0.1.0'
 
