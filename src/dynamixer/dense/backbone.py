@@ -63,9 +63,14 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
     if pretrained_file is not None:
         if not os.path.isfile(os.fspath(pretrained_file)):
             raise DenseError(f'pretrained_file not found: {os.fspath(pretrained_file)}')
-        # num_classes=0: no classifier to fill, so a checkpoint with any head loads (timm drops it)
-        kwargs.update(pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay=dict(file=os.fspath(pretrained_file)))
+        # num_classes=0: no classifier to fill, so a checkpoint with any head loads
+        kwargs.update(pretrained=True, num_classes=0)
+        if _is_dynamixer(model_name):
+            # the classifier goes before checkpoint_filter_fn sees the weights (it would count it as
+            # a weight the headless model lacks); the filter converts the authors' layout and resamples
+            kwargs['pretrained_cfg_overlay'] = dict(state_dict=_trunk_weights(pretrained_file))
+        else:
+            kwargs['pretrained_cfg_overlay'] = dict(file=os.fspath(pretrained_file))
     try:
         return timm.create_model(model_name, **kwargs)
     except RuntimeError as e:
@@ -83,6 +88,18 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
             raise DenseError(str(e)) from None
         # checkpoint_filter_fn's explanation (names the variant the weights fit, if any)
         raise DenseError(f'{pretrained_file}: cannot build the {model_name} backbone from it: {e}') from None
+
+
+def _trunk_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint's weights without the classifier: EMA weights first, 'module.' stripped."""
+    from ..checkpoint import read_checkpoint
+    checkpoint = read_checkpoint(path)
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    weights = {(k[7:] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+    return {k: v for k, v in weights.items() if not k.startswith('head.') and isinstance(v, torch.Tensor)}
 
 
 def _pyramid_inputs(reductions: Sequence[int]) -> List[int]:

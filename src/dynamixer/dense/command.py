@@ -238,13 +238,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--train-size', type=int, default=1000, help='training canvases (default: 1000)')
     p.add_argument('--val-size', type=int, default=300, help='validation canvases (default: 300)')
     p.add_argument('--data-seed', type=int, default=0, help='seed of the fixed splits (default: 0)')
-    p.add_argument('--steps', type=int, default=300, help='training steps per run (default: 300)')
+    p.add_argument('--steps', type=int, default=200, help='training steps per run (default: 200)')
     p.add_argument('--batch-size', type=int, default=8, help='default: 8')
     p.add_argument('--lr', type=float, default=1e-3, help='AdamW peak learning rate (default: 1e-3)')
     p.add_argument('--out-channels', type=int, default=64, help='pyramid width (default: 64)')
     p.add_argument('--pretrained-file', default=None, help='classification checkpoint for DynaMixer trunks')
     p.add_argument('--out', default='dense_results', help='folder for the csv / md / png (default: dense_results)')
     p.add_argument('--show', type=int, default=6, help='val images in the predictions picture (0: none)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='intra-op CPU threads (default 1: these small models gain little from more, and '
+                        'spin on a busy machine)')
     p.add_argument('--log-every', type=int, default=0, help='print the loss every N steps (0: never)')
 
 
@@ -254,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
     if len(args.canvas) not in (1, 2):
         raise DynaMixerError(f'--canvas takes H or H W; got {args.canvas}')
     canvas = (args.canvas[0], args.canvas[-1])
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     train = DigitsDetection(args.train_size, 'train', canvas, digit_size=tuple(args.digit_size), seed=args.data_seed)
     val = DigitsDetection(args.val_size, 'val', canvas, digit_size=tuple(args.digit_size), seed=args.data_seed)
     os.makedirs(args.out, exist_ok=True)
