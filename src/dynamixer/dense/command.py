@@ -226,6 +226,27 @@ def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str,
     plt.close(fig)
 
 
+_DATA: Dict[Tuple[Any, ...], Tuple[DigitsDetection, DigitsDetection]] = {}
+
+
+def _data(num_train: int, num_val: int, canvas: Tuple[int, int], digit_size: Tuple[int, int],
+          seed: int) -> Tuple[DigitsDetection, DigitsDetection]:
+    key = (num_train, num_val, canvas, digit_size, seed)
+    if key not in _DATA:   # once per process
+        _DATA[key] = (DigitsDetection(num_train, 'train', canvas, digit_size=digit_size, seed=seed),
+                      DigitsDetection(num_val, 'val', canvas, digit_size=digit_size, seed=seed))
+    return _DATA[key]
+
+
+def _one_run(a: Tuple[Tuple[Any, ...], Tuple[Any, ...]]) -> Dict[str, Any]:
+    data_args, (task, backbone, pyramid, seed, *rest) = a
+    train, val = _data(*data_args)
+    row = train_and_evaluate(task, backbone, pyramid, seed, train, val, *rest)
+    print(f'{task} / {backbone} / {pyramid} / seed {seed}: '
+          + '  '.join(f'{k} {v}' for k, v in row.items() if k in METRICS + ('train_s',)), flush=True)
+    return row
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--tasks', nargs='+', default=['retinanet', 'segmentation'], choices=TASKS,
                    help='detectors and/or segmentation to train (default: retinanet segmentation)')
@@ -248,6 +269,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--threads', type=int, default=1,
                    help='intra-op CPU threads (default 1: these small models gain little from more, and '
                         'spin on a busy machine)')
+    p.add_argument('--jobs', type=int, default=1, help='runs in parallel worker processes (default: 1)')
     p.add_argument('--log-every', type=int, default=0, help='print the loss every N steps (0: never)')
 
 
@@ -259,22 +281,25 @@ def run(args: argparse.Namespace) -> int:
     canvas = (args.canvas[0], args.canvas[-1])
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    train = DigitsDetection(args.train_size, 'train', canvas, digit_size=tuple(args.digit_size), seed=args.data_seed)
-    val = DigitsDetection(args.val_size, 'val', canvas, digit_size=tuple(args.digit_size), seed=args.data_seed)
     os.makedirs(args.out, exist_ok=True)
-    rows, shown = [], []
-    for task in args.tasks:
-        for backbone in args.backbones:
-            for pyramid in args.pyramids:
-                for seed in args.seeds:
-                    keep = args.show if seed == args.seeds[0] else 0
-                    print(f'{task} / {backbone} / {pyramid} / seed {seed}: training {args.steps} steps', flush=True)
-                    row = train_and_evaluate(task, backbone, pyramid, seed, train, val, args.steps, args.batch_size,
-                                             args.lr, args.out_channels, args.pretrained_file, keep, args.log_every)
-                    if keep:
-                        shown.append((f'{task}\n{backbone}\n{pyramid}', row.pop('_predictions')))
-                    print('  ' + '  '.join(f'{k} {v}' for k, v in row.items() if k in METRICS + ('train_s',)), flush=True)
-                    rows.append(row)
+    grid = [(task, backbone, pyramid, seed) for task in args.tasks for backbone in args.backbones
+            for pyramid in args.pyramids for seed in args.seeds]
+    data_args = (args.train_size, args.val_size, canvas, tuple(args.digit_size), args.data_seed)
+    run_args = [(data_args, (task, backbone, pyramid, seed, args.steps, args.batch_size, args.lr, args.out_channels,
+                             args.pretrained_file, args.show if seed == args.seeds[0] else 0, args.log_every))
+                for task, backbone, pyramid, seed in grid]
+    if args.jobs > 1:
+        # independent runs in worker processes (one thread each); results come back in grid order
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context('spawn'),
+                initializer=torch.set_num_threads, initargs=(max(args.threads, 1),)) as pool:
+            rows = list(pool.map(_one_run, run_args))
+    else:
+        rows = [_one_run(a) for a in run_args]
+    _, val = _data(*data_args)
+    shown = [(f'{r["task"]}\n{r["backbone"]}\n{r["pyramid"]}', r.pop('_predictions')) for r in rows if '_predictions' in r]
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(args.out, 'dense_runs.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=fields)
