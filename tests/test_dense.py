@@ -154,8 +154,8 @@ def test_segmentation_logits_at_input_resolution():
 # ------------------------------------------------------------------ data set
 
 def test_digits_detection_boxes_masks_labels_agree():
-    d = DigitsDetection(40, 'train', 48, seed=3, empty_fraction=0.2)
-    assert d.images.shape == (40, 3, 48, 48) and 0 <= float(d.images.min()) and float(d.images.max()) <= 1
+    d = DigitsDetection(24, 'train', 48, seed=3, empty_fraction=0.2)
+    assert d.images.shape == (24, 3, 48, 48) and 0 <= float(d.images.min()) and float(d.images.max()) <= 1
     n_empty = 0
     for i in range(len(d)):
         img, t = d[i]
@@ -172,7 +172,7 @@ def test_digits_detection_boxes_masks_labels_agree():
         assert ((d.semantic[i] > 0) == (covered > 0)).all()
         validate_targets([img], [t], need_masks=True)
     assert n_empty > 0
-    again = DigitsDetection(40, 'train', 48, seed=3, empty_fraction=0.2)
+    again = DigitsDetection(24, 'train', 48, seed=3, empty_fraction=0.2)
     assert torch.equal(again.images, d.images)                # fixed, seeded
 
 
@@ -197,15 +197,13 @@ def test_dense_command_tiny_end_to_end(tmp_path, capsys):
     pytest.importorskip('pycocotools')
     rc = main(['dense', '--tasks', 'retinanet', 'maskrcnn', 'segmentation', '--backbones', 'dynamixer_nano',
                '--canvas', '32', '--digit-size', '8', '14', '--train-size', '8', '--val-size', '4',
-               '--batch-size', '4', '--steps', '2', '--seeds', '0', '1', '--out-channels', '16',
+               '--batch-size', '4', '--steps', '2', '--seeds', '0', '--out-channels', '16',
                '--show', '2', '--out', str(tmp_path)])
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / 'dense_runs.csv')))
-    assert [(r['task'], r['seed']) for r in rows] == [
-        ('retinanet', '0'), ('retinanet', '1'), ('maskrcnn', '0'), ('maskrcnn', '1'),
-        ('segmentation', '0'), ('segmentation', '1')]
-    assert all(0 <= float(r['mAP']) <= 100 for r in rows[:4]) and float(rows[2]['mask_mAP']) >= 0
-    assert 0 <= float(rows[4]['mIoU']) <= 100
+    assert [r['task'] for r in rows] == ['retinanet', 'maskrcnn', 'segmentation']
+    assert all(0 <= float(r['mAP']) <= 100 for r in rows[:2]) and float(rows[1]['mask_mAP']) >= 0
+    assert 0 <= float(rows[2]['mIoU']) <= 100
     table = (tmp_path / 'dense_table.md').read_text()
     assert '| maskrcnn | dynamixer_nano | fpn |' in table and '±' in table
     assert (tmp_path / 'dense_predictions.png').stat().st_size > 1000
