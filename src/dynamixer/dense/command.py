@@ -259,7 +259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--train-size', type=int, default=1000, help='training canvases (default: 1000)')
     p.add_argument('--val-size', type=int, default=300, help='validation canvases (default: 300)')
     p.add_argument('--data-seed', type=int, default=0, help='seed of the fixed splits (default: 0)')
-    p.add_argument('--steps', type=int, default=200, help='training steps per run (default: 200)')
+    p.add_argument('--steps', type=int, default=150, help='training steps per run (default: 150)')
     p.add_argument('--batch-size', type=int, default=8, help='default: 8')
     p.add_argument('--lr', type=float, default=1e-3, help='AdamW peak learning rate (default: 1e-3)')
     p.add_argument('--out-channels', type=int, default=64, help='pyramid width (default: 64)')
