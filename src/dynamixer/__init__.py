@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, load_model, read_checkpoint, validate_c
 from .layout import unwrap_state_dict
 from .ops import explain_paths, fast_path_enabled, set_fast_path
 from .resample import resample_state_dict
+from .dense import pyramid_backbone
 
 __version__ = '0.1.0'
 

@@ -18,6 +18,8 @@ COMMANDS = {
     'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
     'ablate': ('dynamixer.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
                                    'block) and tabulate top-1 over seeds'),
+    'dense': ('dynamixer.dense.command', 'train and evaluate detectors (torchvision) and a segmenter on '
+                                         'the digits detection task, DynaMixer vs timm backbones'),
     'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
                                              'for given images'),
 }

@@ -1,0 +1,323 @@
+"""`dynamixer dense`: train and evaluate detectors and a segmenter on the digits detection task.
+
+Every combination of --tasks x --backbones x --pyramids x --seeds is one run: build the model on
+``pyramid_backbone`` (no pretrained weights unless --pretrained-file), train it for --steps AdamW
+steps on the fixed train split, evaluate on the fixed val split (COCO mAP and mAP@50 with
+torchmetrics' MeanAveragePrecision for detectors, mIoU with torchmetrics' JaccardIndex for the
+segmenter). Writes one row per run to OUT/dense_runs.csv, the mean +- std table over seeds to
+OUT/dense_table.md (and .csv), and predictions on a few val images to OUT/dense_predictions.png.
+
+    dynamixer dense --tasks retinanet fasterrcnn maskrcnn segmentation \
+        --backbones dynamixer_nano lcnet_100 --seeds 0 1 2 --out docs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import DynaMixerError, require
+from .backbone import PYRAMIDS, PyramidBackbone, detector_kwargs, pyramid_backbone
+from .digits_detection import CLASS_NAMES, NUM_CLASSES, DigitsDetection, collate_detection, validate_targets
+from .segmentation import SegmentationModel
+
+__all__ = ['build_detector', 'train_and_evaluate', 'DETECTORS', 'add_arguments', 'run']
+
+DETECTORS = ('fasterrcnn', 'retinanet', 'maskrcnn')
+TASKS = DETECTORS + ('segmentation',)
+
+
+def build_detector(kind: str, backbone: PyramidBackbone, num_classes: int, **kwargs: Any) -> nn.Module:
+    """torchvision FasterRCNN / RetinaNet / MaskRCNN on `backbone`, with its transform set to the
+    backbone's input size (detector_kwargs) and anchors of 2x each level's stride (3 scales per
+    octave for RetinaNet), aspect ratios 0.5, 1, 2. kwargs go to the torchvision constructor."""
+    det = require('torchvision.models.detection', 'dense', 'the detectors')
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    if kind not in DETECTORS:
+        raise DynaMixerError(f'detector must be one of {DETECTORS}; got {kind!r}')
+    ratios = ((0.5, 1.0, 2.0),) * len(backbone.strides)
+    if kind == 'retinanet':
+        sizes = tuple(tuple(int(round(2 * s * 2 ** (k / 3))) for k in range(3)) for s in backbone.strides)
+    else:
+        sizes = tuple((2 * s,) for s in backbone.strides)
+    args: Dict[str, Any] = dict(detector_kwargs(backbone), **kwargs)
+    if kind == 'retinanet':
+        args.setdefault('anchor_generator', AnchorGenerator(sizes, ratios))
+        return det.RetinaNet(backbone, num_classes, **args)
+    args.setdefault('rpn_anchor_generator', AnchorGenerator(sizes, ratios))
+    args.setdefault('box_batch_size_per_image', 128)   # a few objects per small image
+    cls = det.FasterRCNN if kind == 'fasterrcnn' else det.MaskRCNN
+    return cls(backbone, num_classes, **args)
+
+
+def _lr_lambda(steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+    return f
+
+
+def _batches(data: DigitsDetection, batch_size: int, seed: int):
+    """Endless shuffled batches of (images (B, 3, H, W), targets, semantic (B, H, W))."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(data), generator=g)
+        for i in range(0, len(perm) - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield data.images[idx], [data.targets[int(j)] for j in idx], data.semantic[idx]
+
+
+def train_and_evaluate(task: str, backbone_name: str, pyramid: str, seed: int, train: DigitsDetection,
+                       val: DigitsDetection, steps: int, batch_size: int = 16, lr: float = 1e-3,
+                       out_channels: int = 64, pretrained_file: str | None = None,
+                       keep_predictions: int = 0, log_every: int = 0) -> Dict[str, Any]:
+    """One run: train `task` on `train`, evaluate on `val`; returns a row of metrics (in %)."""
+    torch.manual_seed(seed)
+    backbone = pyramid_backbone(backbone_name, img_size=train.img_size, out_channels=out_channels,
+                                pyramid=pyramid, pretrained_file=pretrained_file)
+    if task == 'segmentation':
+        model: nn.Module = SegmentationModel(backbone, NUM_CLASSES)
+    else:
+        model = build_detector(task, backbone, NUM_CLASSES)
+    params = sum(p.numel() for p in model.parameters())
+    trunk_params = sum(p.numel() for p in backbone.body.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(steps // 20, 1)))
+    start = time.perf_counter()
+    model.train()
+    batches = _batches(train, batch_size, seed)
+    loss_value = float('nan')
+    for step in range(steps):
+        images, targets, semantic = next(batches)
+        if task == 'segmentation':
+            loss = F.cross_entropy(model(images), semantic)
+        else:
+            validate_targets(images, targets, need_masks=task == 'maskrcnn')
+            loss = sum(model(list(images), targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise DynaMixerError(f'{task}/{backbone_name}: the loss became {loss_value} at step {step}; lower --lr')
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f'  step {step:5d}  loss {loss_value:.4f}', flush=True)
+    train_s = time.perf_counter() - start
+    row: Dict[str, Any] = dict(task=task, backbone=backbone_name, pyramid=pyramid, seed=seed, steps=steps,
+                               params=params, trunk_params=trunk_params, final_loss=round(loss_value, 4),
+                               train_s=round(train_s, 1))
+    model.eval()
+    kept: List[Any] = []
+    with torch.no_grad():
+        if task == 'segmentation':
+            tm = require('torchmetrics.classification', 'dense', 'the segmentation metrics')
+            iou = tm.MulticlassJaccardIndex(NUM_CLASSES, average='macro')
+            acc = tm.MulticlassAccuracy(NUM_CLASSES, average='micro')
+            for i in range(0, len(val), 64):
+                pred = model(val.images[i:i + 64]).argmax(1)
+                iou.update(pred, val.semantic[i:i + 64])
+                acc.update(pred, val.semantic[i:i + 64])
+                kept += list(pred[:max(keep_predictions - len(kept), 0)])
+            row.update(mIoU=round(100 * float(iou.compute()), 2), pixel_acc=round(100 * float(acc.compute()), 2))
+        else:
+            det_metrics = require('torchmetrics.detection', 'dense', 'the detection metrics (with pycocotools)')
+            iou_types = ('bbox', 'segm') if task == 'maskrcnn' else ('bbox',)
+            metric = det_metrics.MeanAveragePrecision(iou_type=list(iou_types), backend='pycocotools')
+            for i in range(0, len(val), 64):
+                preds = model(list(val.images[i:i + 64]))
+                targets = val.targets[i:i + 64]
+                if task == 'maskrcnn':
+                    preds = [dict(p, masks=p['masks'][:, 0] > 0.5) for p in preds]
+                    targets = [dict(t, masks=t['masks'].bool()) for t in targets]
+                metric.update(preds, targets)
+                kept += preds[:max(keep_predictions - len(kept), 0)]
+            res = metric.compute()
+            prefix = 'bbox_' if task == 'maskrcnn' else ''
+            row.update(mAP=round(100 * float(res[prefix + 'map']), 2), mAP50=round(100 * float(res[prefix + 'map_50']), 2))
+            if task == 'maskrcnn':
+                row.update(mask_mAP=round(100 * float(res['segm_map']), 2), mask_mAP50=round(100 * float(res['segm_map_50']), 2))
+    row['eval_s'] = round(time.perf_counter() - start - train_s, 1)
+    if keep_predictions:
+        row['_predictions'] = kept
+    return row
+
+
+METRICS = ('mAP', 'mAP50', 'mask_mAP', 'mask_mAP50', 'mIoU', 'pixel_acc')
+
+
+def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Mean and sample std over seeds of every metric, per (task, backbone, pyramid)."""
+    groups: Dict[Tuple[str, str, str], List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r['task'], r['backbone'], r['pyramid']), []).append(r)
+    out = []
+    for (task, backbone, pyramid), rs in groups.items():
+        s: Dict[str, Any] = dict(task=task, backbone=backbone, pyramid=pyramid, seeds=len(rs),
+                                 trunk_params=rs[0]['trunk_params'], params=rs[0]['params'],
+                                 train_s=round(statistics.mean(r['train_s'] for r in rs), 1))
+        for m in METRICS:
+            vals = [r[m] for r in rs if m in r]
+            if vals:
+                s[m] = round(statistics.mean(vals), 2)
+                s[m + '_std'] = round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0
+        out.append(s)
+    return out
+
+
+def markdown_table(summary: Sequence[Dict[str, Any]]) -> str:
+    lines = ['| task | backbone | pyramid | trunk params | seeds | box mAP | box mAP@50 | mask mAP | mIoU | '
+             'train s / run |', '|---|---|---|---|---|---|---|---|---|---|']
+
+    def cell(s: Dict[str, Any], m: str) -> str:
+        return f'{s[m]:.1f} ± {s[m + "_std"]:.1f}' if m in s else '-'
+    for s in summary:
+        lines.append(f'| {s["task"]} | {s["backbone"]} | {s["pyramid"]} | {s["trunk_params"] / 1e6:.2f}M | '
+                     f'{s["seeds"]} | {cell(s, "mAP")} | {cell(s, "mAP50")} | {cell(s, "mask_mAP")} | '
+                     f'{cell(s, "mIoU")} | {s["train_s"]:.0f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str, Any]], score: float = 0.5) -> None:
+    """A grid: ground truth on top, then one row per kept run (boxes with score >= `score`, or the
+    predicted label map), on the first val images."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    n = len(shown[0][1]) if shown else 0
+    rows = 1 + len(shown)
+    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.7 * rows), squeeze=False)
+    cmap = plt.get_cmap('tab20', NUM_CLASSES)
+
+    def boxes(ax, b, labels, colour):
+        for (x1, y1, x2, y2), lab in zip(b.tolist(), labels.tolist()):
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color=colour, lw=1))
+            ax.text(x1, y1 - 1, CLASS_NAMES[lab], color=colour, fontsize=7, va='bottom')
+    for j in range(n):
+        img = val.images[j].permute(1, 2, 0).numpy()
+        axes[0, j].imshow(img)
+        boxes(axes[0, j], val.targets[j]['boxes'], val.targets[j]['labels'], 'lime')
+        for r, (title, preds) in enumerate(shown, start=1):
+            ax = axes[r, j]
+            if isinstance(preds[j], dict):
+                ax.imshow(img)
+                keep = preds[j]['scores'] >= score
+                boxes(ax, preds[j]['boxes'][keep], preds[j]['labels'][keep], 'yellow')
+            else:
+                ax.imshow(preds[j].numpy(), cmap=cmap, vmin=0, vmax=NUM_CLASSES - 1, interpolation='nearest')
+    for r, title in enumerate(['ground truth'] + [t for t, _ in shown]):
+        axes[r, 0].set_ylabel(title, fontsize=7, rotation=0, ha='right', va='center')
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+_DATA: Dict[Tuple[Any, ...], Tuple[DigitsDetection, DigitsDetection]] = {}
+
+
+def _data(num_train: int, num_val: int, canvas: Tuple[int, int], digit_size: Tuple[int, int],
+          seed: int) -> Tuple[DigitsDetection, DigitsDetection]:
+    key = (num_train, num_val, canvas, digit_size, seed)
+    if key not in _DATA:   # once per process
+        _DATA[key] = (DigitsDetection(num_train, 'train', canvas, digit_size=digit_size, seed=seed),
+                      DigitsDetection(num_val, 'val', canvas, digit_size=digit_size, seed=seed))
+    return _DATA[key]
+
+
+def _one_run(a: Tuple[Tuple[Any, ...], Tuple[Any, ...]]) -> Dict[str, Any]:
+    data_args, (task, backbone, pyramid, seed, *rest) = a
+    train, val = _data(*data_args)
+    row = train_and_evaluate(task, backbone, pyramid, seed, train, val, *rest)
+    print(f'{task} / {backbone} / {pyramid} / seed {seed}: '
+          + '  '.join(f'{k} {v}' for k, v in row.items() if k in METRICS + ('train_s',)), flush=True)
+    return row
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--tasks', nargs='+', default=['retinanet', 'segmentation'], choices=TASKS,
+                   help='detectors and/or segmentation to train (default: retinanet segmentation)')
+    p.add_argument('--backbones', nargs='+', default=['dynamixer_nano', 'lcnet_100'],
+                   help='DynaMixer or timm model names (default: dynamixer_nano lcnet_100)')
+    p.add_argument('--pyramids', nargs='+', default=['fpn'], choices=PYRAMIDS, help='default: fpn')
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='training seeds (default: 0 1 2)')
+    p.add_argument('--canvas', type=int, nargs='+', default=[48], help='image size H [W] (default: 48)')
+    p.add_argument('--digit-size', type=int, nargs=2, default=[10, 20], help='digit side range in px (default: 10 20)')
+    p.add_argument('--train-size', type=int, default=1000, help='training canvases (default: 1000)')
+    p.add_argument('--val-size', type=int, default=300, help='validation canvases (default: 300)')
+    p.add_argument('--data-seed', type=int, default=0, help='seed of the fixed splits (default: 0)')
+    p.add_argument('--steps', type=int, default=150, help='training steps per run (default: 150)')
+    p.add_argument('--batch-size', type=int, default=8, help='default: 8')
+    p.add_argument('--lr', type=float, default=1e-3, help='AdamW peak learning rate (default: 1e-3)')
+    p.add_argument('--out-channels', type=int, default=64, help='pyramid width (default: 64)')
+    p.add_argument('--pretrained-file', default=None, help='classification checkpoint for DynaMixer trunks')
+    p.add_argument('--out', default='dense_results', help='folder for the csv / md / png (default: dense_results)')
+    p.add_argument('--show', type=int, default=6, help='val images in the predictions picture (0: none)')
+    p.add_argument('--threads', type=int, default=1,
+                   help='intra-op CPU threads (default 1: these small models gain little from more, and '
+                        'spin on a busy machine)')
+    p.add_argument('--jobs', type=int, default=1, help='runs in parallel worker processes (default: 1)')
+    p.add_argument('--log-every', type=int, default=0, help='print the loss every N steps (0: never)')
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.batch_size < 1 or args.train_size < args.batch_size or args.val_size < 1:
+        raise DynaMixerError('need --steps >= 1, --batch-size >= 1, --train-size >= --batch-size and --val-size >= 1')
+    if len(args.canvas) not in (1, 2):
+        raise DynaMixerError(f'--canvas takes H or H W; got {args.canvas}')
+    canvas = (args.canvas[0], args.canvas[-1])
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    grid = [(task, backbone, pyramid, seed) for task in args.tasks for backbone in args.backbones
+            for pyramid in args.pyramids for seed in args.seeds]
+    data_args = (args.train_size, args.val_size, canvas, tuple(args.digit_size), args.data_seed)
+    run_args = [(data_args, (task, backbone, pyramid, seed, args.steps, args.batch_size, args.lr, args.out_channels,
+                             args.pretrained_file, args.show if seed == args.seeds[0] else 0, args.log_every))
+                for task, backbone, pyramid, seed in grid]
+    if args.jobs > 1:
+        # independent runs in worker processes (one thread each); results come back in grid order
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context('spawn'),
+                initializer=torch.set_num_threads, initargs=(max(args.threads, 1),)) as pool:
+            rows = list(pool.map(_one_run, run_args))
+    else:
+        rows = [_one_run(a) for a in run_args]
+    _, val = _data(*data_args)
+    shown = [(f'{r["task"]}\n{r["backbone"]}\n{r["pyramid"]}', r.pop('_predictions')) for r in rows if '_predictions' in r]
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(os.path.join(args.out, 'dense_runs.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(rows)
+    with open(os.path.join(args.out, 'dense_table.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in summary for k in s)))
+        w.writeheader()
+        w.writerows(summary)
+    table = markdown_table(summary)
+    with open(os.path.join(args.out, 'dense_table.md'), 'w') as f:
+        f.write(f'Digits detection, {canvas[0]}x{canvas[1]} canvases, {args.train_size} train / {args.val_size} val, '
+                f'digits of {args.digit_size[0]}-{args.digit_size[1]} px, {args.steps} steps of batch {args.batch_size}, seeds {" ".join(map(str, args.seeds))}; '
+                f'mean ± std over seeds, metrics in %.\n\n' + table)
+    if shown:
+        draw_predictions(os.path.join(args.out, 'dense_predictions.png'), val, shown)
+    print(table)
+    print(f'wrote {args.out}/dense_runs.csv, dense_table.md, dense_table.csv'
+          + (', dense_predictions.png' if shown else ''))
+    return 0

@@ -1,0 +1,209 @@
+"""Dense prediction: the pyramid backbone with torchvision's detectors, pretrained weights, size
+checks, the segmentation model, the digits detection data set and the `dynamixer dense` command."""
+import csv
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+
+torchvision = pytest.importorskip('torchvision')
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet  # noqa: E402
+
+from dynamixer import pyramid_backbone  # noqa: E402
+from dynamixer.cli import main  # noqa: E402
+from dynamixer.dense import (  # noqa: E402
+    DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets)
+from dynamixer.dense.command import build_detector  # noqa: E402
+from reference import NANO, make_authors_state_dict  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def _targets(n, size, empty_first=True):
+    h, w = size
+    out = []
+    for i in range(n):
+        if i == 0 and empty_first:  # torchvision trains on an empty target as all background
+            out.append(dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
+                            masks=torch.zeros(0, h, w, dtype=torch.uint8)))
+            continue
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        masks[0, 2:12, 3:10] = 1
+        masks[1, 15:28, 14:30] = 1
+        out.append(dict(boxes=torch.tensor([[3., 2, 10, 12], [14, 15, 30, 28]]), labels=torch.tensor([1, 4]),
+                        masks=masks))
+    return out
+
+
+@pytest.mark.parametrize('pyramid', ['fpn', 'simple'])
+def test_backbone_output_format(pyramid):
+    b = pyramid_backbone('dynamixer_nano', img_size=(32, 64), out_channels=16, pyramid=pyramid)
+    out = b(torch.randn(2, 3, 32, 64))
+    assert isinstance(out, OrderedDict)
+    assert list(out) == ['0', '1', '2', '3', 'pool'] == b.names
+    assert b.out_channels == 16 and b.strides == [4, 8, 16, 32, 64]
+    for name, stride in zip(b.names, b.strides):
+        assert out[name].shape == (2, 16, -(-32 // stride), -(-64 // stride))
+
+
+def test_fpn_reads_the_finest_map_of_each_stride():
+    b = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=8)
+    assert b.take == [0, 3]   # nano: stage 0 at stride 4, stages 1-3 at stride 8 (the last is used)
+    r = pyramid_backbone('lcnet_050', img_size=32, out_channels=8)   # timm trunk: stride-2 map left out
+    assert r.body.feature_info.reduction() == [4, 8, 16, 32] and r.strides == [4, 8, 16, 32, 64]
+    assert not r.fixed_size
+
+
+@pytest.mark.parametrize('kind', ['fasterrcnn', 'retinanet', 'maskrcnn'])
+def test_torchvision_detectors_take_the_backbone_unchanged(kind):
+    b = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=16)
+    cls = dict(fasterrcnn=FasterRCNN, retinanet=RetinaNet, maskrcnn=MaskRCNN)[kind]
+    model = cls(b, num_classes=5, **detector_kwargs(b))   # default anchors, heads, everything else
+    model.train()
+    losses = model([torch.rand(3, 32, 32) for _ in range(2)], _targets(2, (32, 32)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for n, p in b.body.named_parameters() if 'generate' in n)
+    model.eval()
+    with torch.no_grad():   # any input size: the transform resizes to 32x32, boxes come back scaled
+        preds = model([torch.rand(3, 40, 50)])
+    assert set(preds[0]) >= {'boxes', 'labels', 'scores'}
+    if len(preds[0]['boxes']):
+        assert float(preds[0]['boxes'][:, 2].max()) <= 50 and float(preds[0]['boxes'][:, 3].max()) <= 40
+
+
+def test_build_detector_tiny_anchors():
+    b = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=16)
+    m = build_detector('retinanet', b, 5)
+    assert m.anchor_generator.sizes[0] == (8, 10, 13) and len(m.anchor_generator.sizes) == 5
+    assert m.transform.fixed_size == (32, 32) and m.transform.size_divisible == 1
+    with pytest.raises(Exception, match='detector must be one of'):
+        build_detector('yolo', b, 5)
+
+
+# ------------------------------------------------------------------ sizes
+
+def test_wrong_image_size_says_how_to_build_for_it():
+    b = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=8)
+    with pytest.raises(DenseError, match=r"img_size=\(48, 64\).*fixed_size=\(32, 32\)"):
+        b(torch.randn(1, 3, 48, 64))
+    # the detector with torchvision's default transform resizes to 800: the same error explains it
+    with pytest.raises(DenseError, match='min_size=32, max_size=32'):
+        FasterRCNN(b, num_classes=3).eval()([torch.rand(3, 32, 32)])
+
+
+def test_size_the_architecture_cannot_take():
+    with pytest.raises(DenseError, match='Nearest sizes that work'):
+        pyramid_backbone('dynamixer_nano', img_size=36)
+    with pytest.raises(DenseError, match='pyramid must be one of'):
+        pyramid_backbone('dynamixer_nano', img_size=32, pyramid='bifpn')
+
+
+# ------------------------------------------------------------------ pretrained weights
+
+def _stage_maps(model, x):
+    return model.forward_intermediates(x, intermediates_only=True)
+
+
+@pytest.mark.parametrize('layout', ['project', 'authors'])
+def test_pretrained_file_loads_and_resamples(tmp_path, layout):
+    if layout == 'project':
+        src = timm.create_model('dynamixer_nano', num_classes=10)
+        state = {k: v + 0.01 * torch.randn_like(v) for k, v in src.state_dict().items()}
+        path = tmp_path / 'nano.pth'
+        torch.save({'state_dict': state, 'epoch': 3}, path)   # a training checkpoint
+    else:   # the authors' key names (spec section 4), as their training script saves them
+        state = {'module.' + k: v.float() for k, v in make_authors_state_dict(**NANO, num_classes=10).items()}
+        path = tmp_path / 'authors.pth.tar'
+        torch.save({'state_dict_ema': state}, path)
+    for size in (32, 64):   # 64: the generators are resampled to the 16x16 / 8x8 token grids
+        ref = timm.create_model('dynamixer_nano', img_size=size, num_classes=10, pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+        b = pyramid_backbone('dynamixer_nano', img_size=size, out_channels=8, pretrained_file=path).eval()
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want = _stage_maps(ref, x)
+            got = b.body(x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    fresh = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=8)
+    assert not torch.equal(fresh.body.model.stem.proj.weight, b.body.model.stem.proj.weight)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    path = tmp_path / 'shallow.pth'   # a nano with one layer per stage
+    torch.save(timm.create_model('dynamixer_nano', depths=(1, 1, 1, 1)).state_dict(), path)
+    with pytest.raises(DenseError, match=r'shallow.pth.*does not fit this model.*layers per stage \(1, 1, 1, 1\)'):
+        pyramid_backbone('dynamixer_nano', img_size=32, pretrained_file=path)
+    with pytest.raises(DenseError, match='not found'):
+        pyramid_backbone('dynamixer_nano', pretrained_file=tmp_path / 'missing.pth')
+
+
+# ------------------------------------------------------------------ segmentation
+
+def test_segmentation_logits_at_input_resolution():
+    m = segmentation_model('dynamixer_nano', num_classes=7, img_size=(32, 48), out_channels=16)
+    x = torch.randn(2, 3, 32, 48)
+    logits = m(x)
+    assert logits.shape == (2, 7, 32, 48)
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, 7, (2, 32, 48))).backward()
+    assert m.backbone.body.model.stem.proj.weight.grad is not None
+
+
+# ------------------------------------------------------------------ data set
+
+def test_digits_detection_boxes_masks_labels_agree():
+    d = DigitsDetection(24, 'train', 48, seed=3, empty_fraction=0.2)
+    assert d.images.shape == (24, 3, 48, 48) and 0 <= float(d.images.min()) and float(d.images.max()) <= 1
+    n_empty = 0
+    for i in range(len(d)):
+        img, t = d[i]
+        n = len(t['boxes'])
+        n_empty += n == 0
+        assert t['labels'].shape == (n,) and t['masks'].shape == (n, 48, 48)
+        assert ((t['labels'] >= 1) & (t['labels'] <= 10)).all()
+        for box, mask, label in zip(t['boxes'], t['masks'], t['labels']):
+            ys, xs = torch.nonzero(mask, as_tuple=True)   # the box is the mask's tight box
+            assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+            assert (d.semantic[i][mask.bool()] == label).all()
+        covered = t['masks'].sum(0) if n else torch.zeros(48, 48)
+        assert covered.max() <= 1                             # instances never overlap
+        assert ((d.semantic[i] > 0) == (covered > 0)).all()
+        validate_targets([img], [t], need_masks=True)
+    assert n_empty > 0
+    again = DigitsDetection(24, 'train', 48, seed=3, empty_fraction=0.2)
+    assert torch.equal(again.images, d.images)                # fixed, seeded
+
+
+def test_validate_targets_rejects_bad_boxes():
+    img = [torch.rand(3, 32, 32)]
+    def t(boxes, labels=None):
+        boxes = torch.tensor(boxes, dtype=torch.float32)
+        return [dict(boxes=boxes, labels=torch.ones(len(boxes), dtype=torch.int64) if labels is None else labels)]
+    with pytest.raises(DenseError, match='outside the 32x32 image.*clip_boxes_to_image'):
+        validate_targets(img, t([[1, 1, 40, 10]]))
+    with pytest.raises(DenseError, match='no area'):
+        validate_targets(img, t([[5, 5, 5, 10]]))
+    with pytest.raises(DenseError, match='background'):
+        validate_targets(img, t([[1, 1, 5, 5]], torch.tensor([0])))
+    validate_targets(img, [dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64))])
+
+
+# ------------------------------------------------------------------ the command
+
+def test_dense_command_tiny_end_to_end(tmp_path, capsys):
+    pytest.importorskip('torchmetrics')
+    pytest.importorskip('pycocotools')
+    rc = main(['dense', '--tasks', 'retinanet', 'maskrcnn', 'segmentation', '--backbones', 'dynamixer_nano',
+               '--canvas', '32', '--digit-size', '8', '14', '--train-size', '8', '--val-size', '4',
+               '--batch-size', '4', '--steps', '2', '--seeds', '0', '--out-channels', '16',
+               '--show', '2', '--out', str(tmp_path)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / 'dense_runs.csv')))
+    assert [r['task'] for r in rows] == ['retinanet', 'maskrcnn', 'segmentation']
+    assert all(0 <= float(r['mAP']) <= 100 for r in rows[:2]) and float(rows[1]['mask_mAP']) >= 0
+    assert 0 <= float(rows[2]['mIoU']) <= 100
+    table = (tmp_path / 'dense_table.md').read_text()
+    assert '| maskrcnn | dynamixer_nano | fpn |' in table and '±' in table
+    assert (tmp_path / 'dense_predictions.png').stat().st_size > 1000
