@@ -28,6 +28,10 @@ import torch.nn.functional as F
 import timm
 
 from ..errors import DynaMixerError, require
+from ..files import read_checkpoint, validate_checkpoint_file
+from ..grids import token_grids
+from ..layout import unwrap_state_dict
+from ..model import MODEL_ARGS
 
 __all__ = ['DenseError', 'PyramidBackbone', 'pyramid_backbone', 'detector_kwargs', 'PYRAMIDS']
 
@@ -50,8 +54,7 @@ def _pair(size: SizeLike) -> Tuple[int, int]:
 
 
 def _is_dynamixer(model_name: str) -> bool:
-    from .. import list_models
-    return model_name in list_models()
+    return model_name in MODEL_ARGS
 
 
 def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Optional[str],
@@ -61,8 +64,9 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
     if _is_dynamixer(model_name):
         kwargs['img_size'] = img_size
     if pretrained_file is not None:
-        if not os.path.isfile(os.fspath(pretrained_file)):
-            raise DenseError(f'pretrained_file not found: {os.fspath(pretrained_file)}')
+        if not os.path.isfile(pretrained_file):
+            raise DenseError(f'pretrained_file not found: {pretrained_file}')
+        validate_checkpoint_file(pretrained_file)   # truncated / empty files: files.CheckpointError
         # num_classes=0: no classifier to fill, so a checkpoint with any head loads
         kwargs.update(pretrained=True, num_classes=0)
         if _is_dynamixer(model_name):
@@ -91,14 +95,9 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
 
 
 def _trunk_weights(path: str) -> Dict[str, torch.Tensor]:
-    """A checkpoint's weights without the classifier: EMA weights first, 'module.' stripped."""
-    from ..checkpoint import read_checkpoint
-    checkpoint = read_checkpoint(path)
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    weights = {(k[7:] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+    """A checkpoint's weights without the classifier (either layout: both name it 'head.'),
+    EMA weights first, 'module.' stripped (layout.unwrap_state_dict)."""
+    weights = unwrap_state_dict(read_checkpoint(path))
     return {k: v for k, v in weights.items() if not k.startswith('head.') and isinstance(v, torch.Tensor)}
 
 
@@ -266,7 +265,6 @@ def pyramid_backbone(
             img_size = 224
     size = _pair(img_size)
     if _is_dynamixer(model_name):
-        from ..model import MODEL_ARGS, token_grids
         args = dict(MODEL_ARGS[model_name], **model_kwargs)
         try:
             token_grids(size, args.get('patch_size', 7), args['downsamples'])

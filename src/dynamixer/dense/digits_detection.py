@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.digits import left_digit_split, load_sklearn_digits
 from .backbone import DenseError
 
 __all__ = ['DigitsDetection', 'digits_detection_splits', 'collate_detection', 'validate_targets',
@@ -28,13 +29,12 @@ NUM_CLASSES = len(CLASS_NAMES)  # torchvision counts the background as class 0
 
 
 def _source_digits(split: str, seed: int, val_fraction: float = 0.3) -> Tuple[np.ndarray, np.ndarray]:
-    """The split's half of sklearn's digits: images (n, 8, 8) in [0, 1] and labels (n,)."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    perm = np.random.default_rng([seed, 0]).permutation(len(d.target))
-    n_val = int(round(len(perm) * val_fraction))
-    idx = np.sort(perm[n_val:] if split == 'train' else perm[:n_val])
-    return (d.images[idx] / 16.0).astype(np.float32), d.target[idx].astype(np.int64)
+    """The split's part of sklearn's digits: images (n, 8, 8) in [0, 1] and labels (n,); the same
+    fixed seeded split of the source digits as the left-digit task's."""
+    images, labels = load_sklearn_digits()
+    train_idx, val_idx = left_digit_split(len(labels), seed, val_fraction)
+    idx = train_idx if split == 'train' else val_idx
+    return (images[idx] / 16.0).astype(np.float32), labels[idx].astype(np.int64)
 
 
 class DigitsDetection(torch.utils.data.Dataset):
