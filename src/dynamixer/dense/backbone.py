@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import timm
 
 from ..errors import DynaMixerError, require
-from ..files import read_checkpoint, validate_checkpoint_file
+from ..files import read_checkpoint
 from ..grids import token_grids
 from ..layout import unwrap_state_dict
 from ..model import MODEL_ARGS
@@ -66,15 +66,10 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
     if pretrained_file is not None:
         if not os.path.isfile(pretrained_file):
             raise DenseError(f'pretrained_file not found: {pretrained_file}')
-        validate_checkpoint_file(pretrained_file)   # truncated / empty files: files.CheckpointError
-        # num_classes=0: no classifier to fill, so a checkpoint with any head loads
-        kwargs.update(pretrained=True, num_classes=0)
-        if _is_dynamixer(model_name):
-            # the classifier goes before checkpoint_filter_fn sees the weights (it would count it as
-            # a weight the headless model lacks); the filter converts the authors' layout and resamples
-            kwargs['pretrained_cfg_overlay'] = dict(state_dict=_trunk_weights(pretrained_file))
-        else:
-            kwargs['pretrained_cfg_overlay'] = dict(file=os.fspath(pretrained_file))
+        # num_classes=0: no classifier to fill, so a checkpoint with any head loads (timm drops the
+        # classifier of its own models by their pretrained_cfg; DynaMixer's is dropped here)
+        kwargs.update(pretrained=True, num_classes=0,
+                      pretrained_cfg_overlay=dict(state_dict=_trunk_weights(pretrained_file, _is_dynamixer(model_name))))
     try:
         return timm.create_model(model_name, **kwargs)
     except RuntimeError as e:
@@ -94,11 +89,14 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
         raise DenseError(f'{pretrained_file}: cannot build the {model_name} backbone from it: {e}') from None
 
 
-def _trunk_weights(path: str) -> Dict[str, torch.Tensor]:
-    """A checkpoint's weights without the classifier (either layout: both name it 'head.'),
-    EMA weights first, 'module.' stripped (layout.unwrap_state_dict)."""
+def _trunk_weights(path: str, drop_head: bool) -> Dict[str, torch.Tensor]:
+    """A checkpoint's weights, read safely (files.read_checkpoint: no pickled code), EMA weights
+    first, 'module.' stripped (layout.unwrap_state_dict). With `drop_head`, without DynaMixer's
+    classifier (both layouts name it 'head.'): checkpoint_filter_fn would otherwise count it as a
+    weight the headless model lacks; the filter converts the authors' layout and resamples."""
     weights = unwrap_state_dict(read_checkpoint(path))
-    return {k: v for k, v in weights.items() if not k.startswith('head.') and isinstance(v, torch.Tensor)}
+    return {k: v for k, v in weights.items()
+            if isinstance(v, torch.Tensor) and not (drop_head and k.startswith('head.'))}
 
 
 def _pyramid_inputs(reductions: Sequence[int]) -> List[int]:

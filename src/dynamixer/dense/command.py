@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import statistics
@@ -24,9 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import DynaMixerError, require
-from .backbone import PYRAMIDS, PyramidBackbone, detector_kwargs, pyramid_backbone
-from .digits_detection import CLASS_NAMES, NUM_CLASSES, DigitsDetection, collate_detection, validate_targets
+from ..errors import require
+from ..files import atomic_write_text
+from .backbone import PYRAMIDS, DenseError, PyramidBackbone, detector_kwargs, pyramid_backbone
+from .digits_detection import CLASS_NAMES, NUM_CLASSES, DigitsDetection, validate_targets
 from .segmentation import SegmentationModel
 
 __all__ = ['build_detector', 'train_and_evaluate', 'DETECTORS', 'add_arguments', 'run']
@@ -42,7 +44,7 @@ def build_detector(kind: str, backbone: PyramidBackbone, num_classes: int, **kwa
     det = require('torchvision.models.detection', 'dense', 'the detectors')
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     if kind not in DETECTORS:
-        raise DynaMixerError(f'detector must be one of {DETECTORS}; got {kind!r}')
+        raise DenseError(f'detector must be one of {DETECTORS}; got {kind!r}')
     ratios = ((0.5, 1.0, 2.0),) * len(backbone.strides)
     if kind == 'retinanet':
         sizes = tuple(tuple(int(round(2 * s * 2 ** (k / 3))) for k in range(3)) for s in backbone.strides)
@@ -51,6 +53,7 @@ def build_detector(kind: str, backbone: PyramidBackbone, num_classes: int, **kwa
     args: Dict[str, Any] = dict(detector_kwargs(backbone), **kwargs)
     if kind == 'retinanet':
         args.setdefault('anchor_generator', AnchorGenerator(sizes, ratios))
+        args.setdefault('detections_per_img', 100)   # what COCO mAP scores (maxDets 100); torchvision keeps 300
         return det.RetinaNet(backbone, num_classes, **args)
     args.setdefault('rpn_anchor_generator', AnchorGenerator(sizes, ratios))
     args.setdefault('box_batch_size_per_image', 128)   # a few objects per small image
@@ -79,8 +82,11 @@ def _batches(data: DigitsDetection, batch_size: int, seed: int):
 def train_and_evaluate(task: str, backbone_name: str, pyramid: str, seed: int, train: DigitsDetection,
                        val: DigitsDetection, steps: int, batch_size: int = 16, lr: float = 1e-3,
                        out_channels: int = 64, pretrained_file: str | None = None,
-                       keep_predictions: int = 0, log_every: int = 0) -> Dict[str, Any]:
-    """One run: train `task` on `train`, evaluate on `val`; returns a row of metrics (in %)."""
+                       keep_predictions: int = 0, log_every: int = 0, warmup: int | None = None) -> Dict[str, Any]:
+    """One run: train `task` on `train` (AdamW, linear warm-up over `warmup` steps, default
+    min(steps // 10, 100), then cosine to zero), evaluate on `val`; returns a row of metrics (in %)
+    with the training time as wall seconds (`train_s`) and this process's CPU seconds
+    (`train_cpu_s`: unaffected by other jobs' load or by the process being paused)."""
     torch.manual_seed(seed)
     backbone = pyramid_backbone(backbone_name, img_size=train.img_size, out_channels=out_channels,
                                 pyramid=pyramid, pretrained_file=pretrained_file)
@@ -91,8 +97,9 @@ def train_and_evaluate(task: str, backbone_name: str, pyramid: str, seed: int, t
     params = sum(p.numel() for p in model.parameters())
     trunk_params = sum(p.numel() for p in backbone.body.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(steps // 20, 1)))
-    start = time.perf_counter()
+    warmup = min(steps // 10, 100) if warmup is None else warmup
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
+    start, start_cpu = time.perf_counter(), time.process_time()
     model.train()
     batches = _batches(train, batch_size, seed)
     loss_value = float('nan')
@@ -110,33 +117,45 @@ def train_and_evaluate(task: str, backbone_name: str, pyramid: str, seed: int, t
         sched.step()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise DynaMixerError(f'{task}/{backbone_name}: the loss became {loss_value} at step {step}; lower --lr')
+            raise DenseError(f'{task}/{backbone_name}: the loss became {loss_value} at step {step}; lower --lr')
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f'  step {step:5d}  loss {loss_value:.4f}', flush=True)
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     row: Dict[str, Any] = dict(task=task, backbone=backbone_name, pyramid=pyramid, seed=seed, steps=steps,
                                params=params, trunk_params=trunk_params, final_loss=round(loss_value, 4),
-                               train_s=round(train_s, 1))
+                               warmup=warmup, lr=lr, train_s=round(train_s, 1), train_cpu_s=round(train_cpu_s, 1))
+    row.update(evaluate(task, model, val, keep_predictions))
+    row['eval_s'] = round(time.perf_counter() - start - train_s, 1)
+    return row
+
+
+def evaluate(task: str, model: nn.Module, val: DigitsDetection, keep_predictions: int = 0,
+             batch_size: int = 64) -> Dict[str, Any]:
+    """Metrics (in %) of a trained model on `val`: box mAP / mAP@50 (and mask mAP for maskrcnn)
+    with torchmetrics' MeanAveragePrecision (pycocotools backend), or mIoU / pixel accuracy with
+    torchmetrics' MulticlassJaccardIndex / MulticlassAccuracy. With `keep_predictions`, the
+    predictions on the first val images come back under '_predictions'."""
     model.eval()
     kept: List[Any] = []
+    row: Dict[str, Any] = {}
     with torch.no_grad():
         if task == 'segmentation':
             tm = require('torchmetrics.classification', 'dense', 'the segmentation metrics')
             iou = tm.MulticlassJaccardIndex(NUM_CLASSES, average='macro')
             acc = tm.MulticlassAccuracy(NUM_CLASSES, average='micro')
-            for i in range(0, len(val), 64):
-                pred = model(val.images[i:i + 64]).argmax(1)
-                iou.update(pred, val.semantic[i:i + 64])
-                acc.update(pred, val.semantic[i:i + 64])
+            for i in range(0, len(val), batch_size):
+                pred = model(val.images[i:i + batch_size]).argmax(1)
+                iou.update(pred, val.semantic[i:i + batch_size])
+                acc.update(pred, val.semantic[i:i + batch_size])
                 kept += list(pred[:max(keep_predictions - len(kept), 0)])
             row.update(mIoU=round(100 * float(iou.compute()), 2), pixel_acc=round(100 * float(acc.compute()), 2))
         else:
             det_metrics = require('torchmetrics.detection', 'dense', 'the detection metrics (with pycocotools)')
             iou_types = ('bbox', 'segm') if task == 'maskrcnn' else ('bbox',)
             metric = det_metrics.MeanAveragePrecision(iou_type=list(iou_types), backend='pycocotools')
-            for i in range(0, len(val), 64):
-                preds = model(list(val.images[i:i + 64]))
-                targets = val.targets[i:i + 64]
+            for i in range(0, len(val), batch_size):
+                preds = model(list(val.images[i:i + batch_size]))
+                targets = val.targets[i:i + batch_size]
                 if task == 'maskrcnn':
                     preds = [dict(p, masks=p['masks'][:, 0] > 0.5) for p in preds]
                     targets = [dict(t, masks=t['masks'].bool()) for t in targets]
@@ -146,8 +165,8 @@ def train_and_evaluate(task: str, backbone_name: str, pyramid: str, seed: int, t
             prefix = 'bbox_' if task == 'maskrcnn' else ''
             row.update(mAP=round(100 * float(res[prefix + 'map']), 2), mAP50=round(100 * float(res[prefix + 'map_50']), 2))
             if task == 'maskrcnn':
-                row.update(mask_mAP=round(100 * float(res['segm_map']), 2), mask_mAP50=round(100 * float(res['segm_map_50']), 2))
-    row['eval_s'] = round(time.perf_counter() - start - train_s, 1)
+                row.update(mask_mAP=round(100 * float(res['segm_map']), 2),
+                           mask_mAP50=round(100 * float(res['segm_map_50']), 2))
     if keep_predictions:
         row['_predictions'] = kept
     return row
@@ -165,7 +184,8 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for (task, backbone, pyramid), rs in groups.items():
         s: Dict[str, Any] = dict(task=task, backbone=backbone, pyramid=pyramid, seeds=len(rs),
                                  trunk_params=rs[0]['trunk_params'], params=rs[0]['params'],
-                                 train_s=round(statistics.mean(r['train_s'] for r in rs), 1))
+                                 train_s=round(statistics.mean(r['train_s'] for r in rs), 1),
+                                 train_cpu_s=round(statistics.mean(r['train_cpu_s'] for r in rs), 1))
         for m in METRICS:
             vals = [r[m] for r in rs if m in r]
             if vals:
@@ -177,20 +197,21 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def markdown_table(summary: Sequence[Dict[str, Any]]) -> str:
     lines = ['| task | backbone | pyramid | trunk params | seeds | box mAP | box mAP@50 | mask mAP | mIoU | '
-             'train s / run |', '|---|---|---|---|---|---|---|---|---|---|']
+             'train s / run (wall) | train CPU s / run |', '|---|---|---|---|---|---|---|---|---|---|---|']
 
     def cell(s: Dict[str, Any], m: str) -> str:
         return f'{s[m]:.1f} ± {s[m + "_std"]:.1f}' if m in s else '-'
     for s in summary:
         lines.append(f'| {s["task"]} | {s["backbone"]} | {s["pyramid"]} | {s["trunk_params"] / 1e6:.2f}M | '
                      f'{s["seeds"]} | {cell(s, "mAP")} | {cell(s, "mAP50")} | {cell(s, "mask_mAP")} | '
-                     f'{cell(s, "mIoU")} | {s["train_s"]:.0f} |')
+                     f'{cell(s, "mIoU")} | {s["train_s"]:.0f} | {s["train_cpu_s"]:.0f} |')
     return '\n'.join(lines) + '\n'
 
 
-def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str, Any]], score: float = 0.5) -> None:
-    """A grid: ground truth on top, then one row per kept run (boxes with score >= `score`, or the
-    predicted label map), on the first val images."""
+def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str, Any]], score: float = 0.3) -> None:
+    """A grid: ground truth on top, then one row per kept run, on the first val images: the
+    detections with score >= `score` (after class-agnostic NMS at IoU 0.5, so that each place shows
+    its best class; label and score written), or the predicted label map."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -200,10 +221,13 @@ def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str,
     fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.7 * rows), squeeze=False)
     cmap = plt.get_cmap('tab20', NUM_CLASSES)
 
-    def boxes(ax, b, labels, colour):
-        for (x1, y1, x2, y2), lab in zip(b.tolist(), labels.tolist()):
+    ops = require('torchvision.ops', 'dense', 'drawing detections')
+
+    def boxes(ax, b, labels, colour, scores=None):
+        for k, ((x1, y1, x2, y2), lab) in enumerate(zip(b.tolist(), labels.tolist())):
             ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color=colour, lw=1))
-            ax.text(x1, y1 - 1, CLASS_NAMES[lab], color=colour, fontsize=7, va='bottom')
+            text = CLASS_NAMES[lab] if scores is None else f'{CLASS_NAMES[lab]} {float(scores[k]):.2f}'
+            ax.text(x1, y1 - 1, text, color=colour, fontsize=6, va='bottom')
     for j in range(n):
         img = val.images[j].permute(1, 2, 0).numpy()
         axes[0, j].imshow(img)
@@ -212,8 +236,10 @@ def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str,
             ax = axes[r, j]
             if isinstance(preds[j], dict):
                 ax.imshow(img)
-                keep = preds[j]['scores'] >= score
-                boxes(ax, preds[j]['boxes'][keep], preds[j]['labels'][keep], 'yellow')
+                p = preds[j]
+                keep = ops.nms(p['boxes'], p['scores'], 0.5)
+                keep = keep[p['scores'][keep] >= score]
+                boxes(ax, p['boxes'][keep], p['labels'][keep], 'yellow', p['scores'][keep])
             else:
                 ax.imshow(preds[j].numpy(), cmap=cmap, vmin=0, vmax=NUM_CLASSES - 1, interpolation='nearest')
     for r, title in enumerate(['ground truth'] + [t for t, _ in shown]):
@@ -224,6 +250,21 @@ def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _write_results(out: str, rows: Sequence[Dict[str, Any]], header: str) -> None:
+    """OUT/dense_runs.csv (one row per run), dense_table.csv and dense_table.md (mean ± std over
+    seeds), each written atomically."""
+    def as_csv(records: Sequence[Dict[str, Any]]) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in records for k in r)), lineterminator='\n')
+        w.writeheader()
+        w.writerows(records)
+        return buf.getvalue()
+    summary = summarize(rows)
+    atomic_write_text(as_csv(rows), os.path.join(out, 'dense_runs.csv'))
+    atomic_write_text(as_csv(summary), os.path.join(out, 'dense_table.csv'))
+    atomic_write_text(header + '\n\n' + markdown_table(summary), os.path.join(out, 'dense_table.md'))
 
 
 _DATA: Dict[Tuple[Any, ...], Tuple[DigitsDetection, DigitsDetection]] = {}
@@ -259,7 +300,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--train-size', type=int, default=1000, help='training canvases (default: 1000)')
     p.add_argument('--val-size', type=int, default=300, help='validation canvases (default: 300)')
     p.add_argument('--data-seed', type=int, default=0, help='seed of the fixed splits (default: 0)')
-    p.add_argument('--steps', type=int, default=150, help='training steps per run (default: 150)')
+    p.add_argument('--steps', type=int, default=800, help='training steps per run (default: 800)')
+    p.add_argument('--warmup', type=int, default=None,
+                   help='linear learning-rate warm-up steps (default: steps / 10, at most 100)')
     p.add_argument('--batch-size', type=int, default=8, help='default: 8')
     p.add_argument('--lr', type=float, default=1e-3, help='AdamW peak learning rate (default: 1e-3)')
     p.add_argument('--out-channels', type=int, default=64, help='pyramid width (default: 64)')
@@ -275,9 +318,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.train_size < args.batch_size or args.val_size < 1:
-        raise DynaMixerError('need --steps >= 1, --batch-size >= 1, --train-size >= --batch-size and --val-size >= 1')
+        raise DenseError('need --steps >= 1, --batch-size >= 1, --train-size >= --batch-size and --val-size >= 1; '
+                         f'got {args.steps}, {args.batch_size}, {args.train_size} and {args.val_size}')
+    if args.warmup is not None and not 0 <= args.warmup <= args.steps:
+        raise DenseError(f'--warmup must be between 0 and --steps ({args.steps}); got {args.warmup}')
+    if args.jobs < 1:
+        raise DenseError(f'--jobs must be at least 1; got {args.jobs}')
     if len(args.canvas) not in (1, 2):
-        raise DynaMixerError(f'--canvas takes H or H W; got {args.canvas}')
+        raise DenseError(f'--canvas takes H or H W; got {args.canvas}')
     canvas = (args.canvas[0], args.canvas[-1])
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -286,37 +334,42 @@ def run(args: argparse.Namespace) -> int:
             for pyramid in args.pyramids for seed in args.seeds]
     data_args = (args.train_size, args.val_size, canvas, tuple(args.digit_size), args.data_seed)
     run_args = [(data_args, (task, backbone, pyramid, seed, args.steps, args.batch_size, args.lr, args.out_channels,
-                             args.pretrained_file, args.show if seed == args.seeds[0] else 0, args.log_every))
+                             args.pretrained_file, args.show if seed == args.seeds[0] else 0, args.log_every,
+                             args.warmup))
                 for task, backbone, pyramid, seed in grid]
+    _, val = _data(*data_args)
+    header = (f'Digits detection, {canvas[0]}x{canvas[1]} canvases, {args.train_size} train / {args.val_size} val, '
+              f'digits of {args.digit_size[0]}-{args.digit_size[1]} px, {args.steps} steps of batch '
+              f'{args.batch_size}, seeds {" ".join(map(str, args.seeds))}; mean ± std over seeds, metrics in %.')
+    done: Dict[int, Dict[str, Any]] = {}
+    shown: Dict[int, Tuple[str, Any]] = {}
+
+    def finished(i: int, row: Dict[str, Any]) -> None:
+        # every finished run updates the files, so an interrupted grid leaves what it measured
+        if '_predictions' in row:
+            shown[i] = (f'{row["task"]}\n{row["backbone"]}\n{row["pyramid"]}', row.pop('_predictions'))
+        done[i] = row
+        rows = [done[k] for k in sorted(done)]
+        _write_results(args.out, rows, header if len(rows) == len(grid) else
+                       f'{header} PARTIAL: {len(rows)} of {len(grid)} runs.')
+        if i in shown:
+            draw_predictions(os.path.join(args.out, 'dense_predictions.png'), val,
+                             [shown[k] for k in sorted(shown)])
+
     if args.jobs > 1:
-        # independent runs in worker processes (one thread each); results come back in grid order
+        # independent runs in worker processes (`--threads` threads each), written as they finish
         import concurrent.futures
         import multiprocessing
         with concurrent.futures.ProcessPoolExecutor(
                 args.jobs, mp_context=multiprocessing.get_context('spawn'),
                 initializer=torch.set_num_threads, initargs=(max(args.threads, 1),)) as pool:
-            rows = list(pool.map(_one_run, run_args))
+            futures = {pool.submit(_one_run, a): i for i, a in enumerate(run_args)}
+            for future in concurrent.futures.as_completed(futures):
+                finished(futures[future], future.result())
     else:
-        rows = [_one_run(a) for a in run_args]
-    _, val = _data(*data_args)
-    shown = [(f'{r["task"]}\n{r["backbone"]}\n{r["pyramid"]}', r.pop('_predictions')) for r in rows if '_predictions' in r]
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(os.path.join(args.out, 'dense_runs.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    summary = summarize(rows)
-    with open(os.path.join(args.out, 'dense_table.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for s in summary for k in s)))
-        w.writeheader()
-        w.writerows(summary)
-    table = markdown_table(summary)
-    with open(os.path.join(args.out, 'dense_table.md'), 'w') as f:
-        f.write(f'Digits detection, {canvas[0]}x{canvas[1]} canvases, {args.train_size} train / {args.val_size} val, '
-                f'digits of {args.digit_size[0]}-{args.digit_size[1]} px, {args.steps} steps of batch {args.batch_size}, seeds {" ".join(map(str, args.seeds))}; '
-                f'mean ± std over seeds, metrics in %.\n\n' + table)
-    if shown:
-        draw_predictions(os.path.join(args.out, 'dense_predictions.png'), val, shown)
+        for i, a in enumerate(run_args):
+            finished(i, _one_run(a))
+    table = markdown_table(summarize([done[k] for k in sorted(done)]))
     print(table)
     print(f'wrote {args.out}/dense_runs.csv, dense_table.md, dense_table.csv'
           + (', dense_predictions.png' if shown else ''))
