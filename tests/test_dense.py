@@ -1,6 +1,7 @@
 """Dense prediction: the pyramid backbone with torchvision's detectors, pretrained weights, size
 checks, the segmentation model, the digits detection data set and the `dynamixer dense` command."""
 import csv
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -14,7 +15,8 @@ from dynamixer import pyramid_backbone  # noqa: E402
 from dynamixer.cli import main  # noqa: E402
 from dynamixer.dense import (  # noqa: E402
     DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets)
-from dynamixer.dense.command import build_detector  # noqa: E402
+from dynamixer.dense.command import build_detector, evaluate, train_and_evaluate  # noqa: E402
+from dynamixer.errors import DynaMixerError, MissingDependencyError  # noqa: E402
 from reference import NANO, make_authors_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -86,6 +88,7 @@ def test_build_detector_tiny_anchors():
 
 def test_wrong_image_size_says_how_to_build_for_it():
     b = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=8)
+    assert issubclass(DenseError, DynaMixerError) and issubclass(DenseError, ValueError)
     with pytest.raises(DenseError, match=r"img_size=\(48, 64\).*fixed_size=\(32, 32\)"):
         b(torch.randn(1, 3, 48, 64))
     # the detector with torchvision's default transform resizes to 800: the same error explains it
@@ -138,6 +141,38 @@ def test_checkpoint_of_another_architecture(tmp_path):
         pyramid_backbone('dynamixer_nano', img_size=32, pretrained_file=path)
     with pytest.raises(DenseError, match='not found'):
         pyramid_backbone('dynamixer_nano', pretrained_file=tmp_path / 'missing.pth')
+
+
+def test_timm_trunk_pretrained_file(tmp_path):
+    src = timm.create_model('lcnet_050', num_classes=7)    # a classifier with its own head
+    path = tmp_path / 'lcnet.pth'
+    torch.save({'state_dict': src.state_dict()}, path)
+    b = pyramid_backbone('lcnet_050', img_size=32, out_channels=8, pretrained_file=path)
+    ours = b.body.state_dict()
+    loaded = [k for k in ours if k in src.state_dict()]
+    assert len(loaded) > 20 and all(torch.equal(ours[k], src.state_dict()[k]) for k in loaded)
+    torch.save(timm.create_model('lcnet_075').state_dict(), tmp_path / 'wider.pth')
+    with pytest.raises(DenseError, match=r'wider.pth: the weights do not fit lcnet_050'):
+        pyramid_backbone('lcnet_050', img_size=32, pretrained_file=tmp_path / 'wider.pth')
+
+
+@pytest.mark.parametrize('module', ['torchvision.ops', 'torchvision.models.detection', 'torchmetrics.detection',
+                                    'torchmetrics.classification'])
+def test_missing_optional_packages_name_the_dense_extra(monkeypatch, module):
+    b = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=8, pyramid='simple')
+    det = build_detector('retinanet', b, 3)
+    seg = segmentation_model('dynamixer_nano', num_classes=3, img_size=32, out_channels=8, pyramid='simple')
+    val = DigitsDetection(2, 'val', 32, digit_size=(8, 12))
+    monkeypatch.setitem(sys.modules, module, None)    # as if the package were not installed
+    with pytest.raises(MissingDependencyError, match=r'pip install "dynamixer\[dense\]"') as e:
+        if module == 'torchvision.ops':
+            pyramid_backbone('dynamixer_nano', img_size=32, out_channels=8, pyramid='fpn')
+        elif module == 'torchvision.models.detection':
+            build_detector('retinanet', b, 3)
+        else:
+            evaluate('retinanet' if module == 'torchmetrics.detection' else 'segmentation',
+                     det if module == 'torchmetrics.detection' else seg, val)
+    assert isinstance(e.value, DynaMixerError)
 
 
 # ------------------------------------------------------------------ segmentation
@@ -207,3 +242,38 @@ def test_dense_command_tiny_end_to_end(tmp_path, capsys):
     table = (tmp_path / 'dense_table.md').read_text()
     assert '| maskrcnn | dynamixer_nano | fpn |' in table and '±' in table
     assert (tmp_path / 'dense_predictions.png').stat().st_size > 1000
+
+
+def test_dense_command_bad_flags_raise_before_training(tmp_path):
+    for flags, match in ((['--steps', '0'], 'need --steps >= 1'), (['--steps', '5', '--warmup', '9'], '--warmup must'),
+                         (['--jobs', '0'], '--jobs must'), (['--canvas', '32', '32', '32'], '--canvas takes')):
+        with pytest.raises(DenseError, match=match):
+            main(['dense', '--out', str(tmp_path / 'out')] + flags)
+    assert not (tmp_path / 'out' / 'dense_runs.csv').exists()
+
+
+# ------------------------------------------------------------------ learning (slow)
+
+@pytest.mark.slow
+def test_retinanet_and_segmenter_learn_on_digits():
+    """A short run of the documented recipe: both learn well beyond what an untrained model or a
+    background-only segmenter scores (mIoU of all-background is at most 100/11 = 9.1%)."""
+    train = DigitsDetection(1000, 'train', 48, seed=0)
+    val = DigitsDetection(100, 'val', 48, seed=0)
+    det = train_and_evaluate('retinanet', 'dynamixer_nano', 'fpn', 0, train, val, steps=250, batch_size=8)
+    assert det['mAP50'] > 8 and det['mAP'] > 3, det
+    seg = train_and_evaluate('segmentation', 'dynamixer_nano', 'fpn', 0, train, val, steps=250, batch_size=8)
+    assert seg['mIoU'] > 12, seg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['fasterrcnn', 'maskrcnn'])
+def test_two_stage_detectors_train_on_digits(kind, capsys):
+    """FasterRCNN and MaskRCNN: the loss falls over 60 steps and evaluation scores boxes (and masks)."""
+    train = DigitsDetection(200, 'train', 48, seed=0)
+    val = DigitsDetection(20, 'val', 48, seed=0)
+    row = train_and_evaluate(kind, 'dynamixer_nano', 'fpn', 0, train, val, steps=60, batch_size=8, log_every=1)
+    losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if 'loss' in line]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
+    assert 0 <= row['mAP'] <= 100 and (kind == 'fasterrcnn' or 0 <= row['mask_mAP'] <= 100)
