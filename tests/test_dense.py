@@ -80,7 +80,14 @@ def test_build_detector_tiny_anchors():
     m = build_detector('retinanet', b, 5)
     assert m.anchor_generator.sizes[0] == (8, 10, 13) and len(m.anchor_generator.sizes) == 5
     assert m.transform.fixed_size == (32, 32) and m.transform.size_divisible == 1
-    with pytest.raises(Exception, match='detector must be one of'):
+    assert m.detections_per_img == 100
+    mask = build_detector('maskrcnn', b, 5)        # heads as wide as the pyramid, fewer proposals
+    assert mask.roi_heads.box_head.fc7.out_features == 64 and mask.roi_heads.box_predictor.cls_score.out_features == 5
+    assert mask.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 5
+    assert mask.rpn._post_nms_top_n == dict(training=300, testing=100)
+    faster = build_detector('fasterrcnn', b, 5, rpn_post_nms_top_n_test=50)   # kwargs override
+    assert faster.rpn._post_nms_top_n['testing'] == 50 and faster.roi_heads.mask_head is None
+    with pytest.raises(DenseError, match='detector must be one of'):
         build_detector('yolo', b, 5)
 
 
