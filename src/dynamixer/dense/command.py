@@ -4,11 +4,13 @@ Every combination of --tasks x --backbones x --pyramids x --seeds is one run: bu
 ``pyramid_backbone`` (no pretrained weights unless --pretrained-file), train it for --steps AdamW
 steps on the fixed train split, evaluate on the fixed val split (COCO mAP and mAP@50 with
 torchmetrics' MeanAveragePrecision for detectors, mIoU with torchmetrics' JaccardIndex for the
-segmenter). Writes one row per run to OUT/dense_runs.csv, the mean +- std table over seeds to
-OUT/dense_table.md (and .csv), and predictions on a few val images to OUT/dense_predictions.png.
+segmenter). After every finished run it rewrites OUT/dense_runs.csv (one row per run) and the
+mean +- std table over seeds, OUT/dense_table.md (and .csv), and, once a first-seed run has
+finished, the predictions on a few val images, OUT/dense_predictions.png. The runs are independent
+(no wall-clock limits), so pausing the process group (SIGSTOP / SIGCONT) only delays them.
 
-    dynamixer dense --tasks retinanet fasterrcnn maskrcnn segmentation \
-        --backbones dynamixer_nano lcnet_100 --seeds 0 1 2 --out docs
+    dynamixer dense --tasks retinanet segmentation --backbones dynamixer_nano lcnet_100 \
+        --pyramids fpn --seeds 0 1 2 --steps 800 --jobs 2 --threads 1 --out docs   # docs/dense.md
 """
 from __future__ import annotations
 
