@@ -27,7 +27,7 @@ import timm
 import onnxruntime as ort
 
 import dynamixer
-from dynamixer.export import _real_batch, export_onnx, preprocessing_config
+from dynamixer.export import export_onnx, preprocessing_config, sample_batch
 
 BEGIN, END = '<!-- BENCH_ONNX:BEGIN -->', '<!-- BENCH_ONNX:END -->'
 
@@ -77,7 +77,7 @@ def main() -> None:
         # agreement with PyTorch
         gen = torch.Generator().manual_seed(0)
         x_rand = torch.randn(8, *cfg['input_size'], generator=gen)
-        x_real = _real_batch(cfg)
+        x_real = sample_batch(cfg)
         errors = {}
         with torch.no_grad():
             for name, x in (('random (8 images)', x_rand), (f'real ({len(x_real)} images)', x_real)):

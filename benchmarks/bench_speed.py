@@ -9,9 +9,17 @@ One process, variants interleaved over several rounds, medians and ratios:
   multiply-adds (FlopCounterMode) times images/s, over the rate of a large matmul timed in the
   same rounds.
 
-Variants: ``reference`` (benchmarks/baseline.py, the step-by-step implementation), ``library``
-(eager) and ``compiled`` (torch.compile of the library model). Before timing, the library's
-outputs and gradients are checked against the reference (float32 relative error <= 1e-5).
+Variants: ``reference`` (benchmarks/baseline.py, the step-by-step implementation); ``library``
+(eager, as configured: on the CPU the fast path with the compiled CPU kernels of
+`dynamixer.ops.cpu_kernels` when they build, which they do on first use); ``library-eager`` (the
+same model with ``set_cpu_kernels(False)``, i.e. DYNAMIXER_CPU_KERNELS=0: the fast path on eager
+PyTorch kernels only, so the compiled kernels' gain is the ratio of the two rows);
+``library-all`` (with --cpu-kernels-all: ``set_cpu_kernels('all')``, also the training MLP's
+compiled GELU pair); ``compiled`` (torch.compile of the library model). Before timing, every
+library variant's outputs and gradients are checked against the reference (float32 relative
+error <= 1e-5), and the paths each one takes (`dynamixer.explain_paths`) are printed, so a
+'library' row without 'cpp-*' paths shows that the compiled kernels did not run.
+--latency adds batch-1 inference (latency per image).
 
 CPU peak memory: PyTorch has no CPU allocator statistics, so the step runs once under
 torch.profiler(profile_memory=True); every allocation and free of the CPU allocator is an event,
@@ -25,8 +33,10 @@ scheduler gives; with --threads 1 the CPU time is the work itself, and is report
 
     python benchmarks/bench_speed.py --models dynamixer_s --rounds 5
     python benchmarks/bench_speed.py --models dynamixer_nano dynamixer_s dynamixer_m dynamixer_l
+    python benchmarks/bench_speed.py --models dynamixer_s dynamixer_nano --latency --threads 1
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,6 +55,18 @@ from baseline import baseline_model  # noqa: E402
 
 import timm  # noqa: E402
 import dynamixer  # noqa: E402,F401  (registers the models)
+from dynamixer.ops import cpu_kernels  # noqa: E402
+
+# library variants -> the compiled CPU kernels' setting they run under (None: as configured)
+LIBRARY_VARIANTS = {'library': None, 'library-eager': False, 'library-all': 'all'}
+
+
+def variant_mode(variant: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context-manager factory selecting the variant's CPU-kernel setting for a call."""
+    mode = LIBRARY_VARIANTS.get(variant)
+    if mode is None:
+        return contextlib.nullcontext
+    return lambda: dynamixer.set_cpu_kernels(mode)
 
 
 def _sync(device: torch.device) -> None:
@@ -104,20 +126,22 @@ def count_macs(model: nn.Module, x: torch.Tensor, backward: bool = False) -> flo
 
 
 class TrainStep:
-    """forward, cross-entropy, backward, AdamW step."""
+    """forward, cross-entropy, backward, AdamW step (under `context()`, e.g. a variant's setting)."""
 
-    def __init__(self, model: nn.Module, batch: int, img_size, num_classes: int, device, amp_dtype):
+    def __init__(self, model: nn.Module, batch: int, img_size, num_classes: int, device, amp_dtype,
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
         self.x = torch.randn(batch, 3, *img_size, device=device)
         self.y = torch.randint(0, num_classes, (batch,), device=device)
-        self.device, self.amp_dtype = device, amp_dtype
+        self.device, self.amp_dtype, self.context = device, amp_dtype, context
 
     def __call__(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = F.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
+        with self.context():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = F.cross_entropy(self.model(self.x), self.y)
+            loss.backward()
         self.opt.step()
 
 
@@ -173,66 +197,96 @@ def median(v: List[float]) -> float:
     return statistics.median(v) if v else float('nan')
 
 
+def _path_counts(model: nn.Module, x: torch.Tensor, train: bool) -> Dict[str, int]:
+    """How many deciding modules take each path (ops.dispatch), for one call like the timed ones."""
+    if train:
+        paths = list(dynamixer.explain_paths(model.train(), x).values())
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.inference_mode():
+            paths = list(dynamixer.explain_paths(model.eval(), x).values())
+    return {p: paths.count(p) for p in sorted(set(paths))}
+
+
 def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm: Callable[[], float]) -> Dict:
     torch.manual_seed(0)
     gpu = device.type == 'cuda'
     amp = torch.bfloat16 if gpu else None
-    lib = timm.create_model(name).to(device)
+    lib = timm.create_model(name, **(dict(img_size=args.img_size) if args.img_size else {})).to(device)
     ref = baseline_model(lib)
     img = lib.img_size
     res: Dict = dict(model=name, img_size=list(img))
 
-    # 1. same function: outputs and gradients, float32
+    names = ['reference', 'library', 'library-eager'] + (['library-all'] if args.cpu_kernels_all else [])
+    if args.compile:
+        names.append('compiled')
+    res['variants'] = names
+
+    # 1. same function: outputs and gradients, float32, for every library variant; and the paths
+    # each takes (the first call of a 'cpp' variant builds or loads the compiled kernels)
     x = torch.randn(2, 3, *img, device=device)
-    res['check'] = check_equal(lib, ref, x, args.tol)
-    with torch.inference_mode():   # which paths the library takes (ops.dispatch), for the record
-        paths = list(dynamixer.explain_paths(lib.eval(), x).values())
-    res['paths_inference'] = {p: paths.count(p) for p in sorted(set(paths))}
+    res['check'], res['paths_inference'], res['paths_train'] = {}, {}, {}
+    for k in names:
+        if k in LIBRARY_VARIANTS:
+            with variant_mode(k)():
+                res['check'][k] = check_equal(lib, ref, x, args.tol)
+                res['paths_inference'][k] = _path_counts(lib, x, train=False)
+                res['paths_train'][k] = _path_counts(lib, x, train=True)
+    res['cpu_kernels_error'] = cpu_kernels.build_error()
     res['gmacs_per_image'] = count_macs(ref.eval(), x[:1]) / 1e9
     res['train_gmacs_per_image'] = count_macs(ref.train(), x[:1], backward=True) / 1e9
 
-    variants = {'reference': ref, 'library': lib}
-    if args.compile:
-        variants['compiled'] = torch.compile(lib)
     bi, bt = args.infer_batch, args.train_batch
     xi = torch.randn(bi, 3, *img, device=device)
+    x1 = torch.randn(1, 3, *img, device=device)
 
-    def infer(m):
+    def infer(m, k, xb):
+        ctx = variant_mode(k)
+
         def run():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                m(xi)
+            with ctx(), torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                m(xb)
         return run
-    infer_fns = {k: infer(m.eval()) for k, m in variants.items()}
-    # training steps work on their own copies so that each variant's AdamW state is its own
-    train_models = {'reference': baseline_model(lib), 'library': _copy(lib)}
-    if args.compile:
-        train_models['compiled'] = torch.compile(_copy(lib))
-    train_fns = {k: TrainStep(m.train(), bt, img, lib.num_classes, device, amp) for k, m in train_models.items()}
+    models = {'reference': ref.eval(), 'compiled': torch.compile(lib) if args.compile else None}
+    kinds = {'infer': bi, 'train': bt}
+    if args.latency:
+        kinds['latency'] = 1
+    fns: Dict[str, Callable[[], object]] = {}
+    train_steps: Dict[str, TrainStep] = {}
+    for k in names:
+        m = models[k] if models.get(k) is not None else lib.eval()
+        fns[f'infer/{k}'] = infer(m, k, xi)
+        if args.latency:
+            fns[f'latency/{k}'] = infer(m, k, x1)
+        # training steps work on their own copies so that each variant's AdamW state is its own
+        tm = baseline_model(lib) if k == 'reference' else torch.compile(_copy(lib)) if k == 'compiled' else _copy(lib)
+        train_steps[k] = TrainStep(tm.train(), bt, img, lib.num_classes, device, amp, context=variant_mode(k))
+        fns[f'train/{k}'] = train_steps[k]
 
     # warm-up (and compilation)
-    for k in variants:
+    for k in names:
         for _ in range(args.warmup):
-            infer_fns[k]()
-            train_fns[k]()
+            for kind in kinds:
+                fns[f'{kind}/{k}']()
 
-    times = {f'{kind}/{k}': [] for kind in ('infer', 'train') for k in variants}
-    cpu = {f'{kind}/{k}': [] for kind in ('infer', 'train') for k in variants}
+    times = {f'{kind}/{k}': [] for kind in kinds for k in names}
+    cpu = {f'{kind}/{k}': [] for kind in kinds for k in names}
     for r in range(args.rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        order = names if r % 2 == 0 else list(reversed(names))
         for k in order:
-            times[f'infer/{k}'].append(bi / _timed(infer_fns[k], device, cpu[f'infer/{k}']))
-            times[f'train/{k}'].append(bt / _timed(train_fns[k], device, cpu[f'train/{k}']))
+            for kind, batch in kinds.items():
+                key = f'{kind}/{k}'
+                times[key].append(batch / _timed(fns[key], device, cpu[key]))
         mm_rates.append(mm())
         if args.verbose:
             print(f'  round {r}: ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in times.items()), flush=True)
     res['images_per_s'] = {k: median(v) for k, v in times.items()}
     # images per CPU-second of this process: on a shared CPU, wall-clock time mostly measures the
     # scheduler's share; with --threads 1 the process's CPU time measures the work itself
-    batch_of = {'infer': bi, 'train': bt}
-    res['images_per_cpu_s'] = {k: median([batch_of[k.split('/')[0]] / c for c in v]) for k, v in cpu.items()}
+    res['images_per_cpu_s'] = {k: median([kinds[k.split('/')[0]] / c for c in v]) for k, v in cpu.items()}
     res['images_per_s_rounds'] = times
-    for kind in ('infer', 'train'):
-        for k in variants:
+    for kind in kinds:
+        for k in names:
             if k == 'reference':
                 continue
             per_round = [a / b for a, b in zip(times[f'{kind}/{k}'], times[f'{kind}/reference'])]
@@ -242,8 +296,9 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
 
     if args.memory:
         mem = {}
-        for k, step in train_fns.items():
-            step_peak = step_peak_bytes(step)
+        for k, step in train_steps.items():
+            with step.context():
+                step_peak = step_peak_bytes(step)
             mem[k] = dict(step_peak_mib=step_peak / 2 ** 20, live_before_mib=live_bytes(step) / 2 ** 20,
                           total_peak_mib=(step_peak + live_bytes(step)) / 2 ** 20)
         res['memory'] = mem
@@ -276,22 +331,34 @@ def print_tables(results: List[Dict], info: Dict) -> None:
     mm = info['matmul_gflops']
     print(f"\nmatmul rate (median of rounds): {mm:.1f} GFLOP/s; load avg start {info.get('load_avg_start')} "
           f"end {info.get('load_avg_end')}")
+    print('\npaths taken (ops.dispatch: deciding modules per path), inference | training step:')
+    for r in results:
+        for k, p in r['paths_inference'].items():
+            print(f"  {r['model']} {k}: {p} | {r['paths_train'][k]}")
+        if r.get('cpu_kernels_error'):
+            print(f"  (the compiled CPU kernels did not build: {r['cpu_kernels_error'].splitlines()[0]})")
+    latency = any(k.startswith('latency/') for r in results for k in r['images_per_s'])
     for label, key, ratio_key, rate in (
             ('CPU time of this process', 'images_per_cpu_s', 'speedup_cpu_time', info['matmul_gflops_cpu_time']),
             ('wall clock', 'images_per_s', 'speedup', mm)):
         print(f'\n{label} (matmul rate {rate:.1f} GFLOP/s)')
-        print('\n| model | variant | inference img/s | ratio | % matmul rate | train img/s | ratio | % matmul rate |')
-        print('|---|---|---|---|---|---|---|---|')
+        head = '| model | variant | inference img/s | ratio | % matmul rate | train img/s | ratio | % matmul rate |'
+        if latency:
+            head += ' batch-1 latency ms | ratio |'
+        print('\n' + head)
+        print('|' + '---|' * (head.count('|') - 1))
         for r in results:
-            for k in ('reference', 'library', 'compiled'):
-                if f'infer/{k}' not in r[key]:
-                    continue
+            for k in r['variants']:
                 ips, tps = r[key][f'infer/{k}'], r[key][f'train/{k}']
                 ri = r.get(ratio_key, {}).get(f'infer/{k}', 1.0)
                 rt = r.get(ratio_key, {}).get(f'train/{k}', 1.0)
                 fi = 100 * ips * 2e9 * r['gmacs_per_image'] / (rate * 1e9)
                 ft = 100 * tps * 2e9 * r['train_gmacs_per_image'] / (rate * 1e9)
-                print(f"| {r['model']} | {k} | {ips:.2f} | {ri:.2f}x | {fi:.0f}% | {tps:.2f} | {rt:.2f}x | {ft:.0f}% |")
+                row = f"| {r['model']} | {k} | {ips:.2f} | {ri:.2f}x | {fi:.0f}% | {tps:.2f} | {rt:.2f}x | {ft:.0f}% |"
+                if latency:
+                    lat = 1e3 / r[key][f'latency/{k}']
+                    row += f" {lat:.1f} | {r.get(ratio_key, {}).get(f'latency/{k}', 1.0):.2f}x |"
+                print(row)
     if any('memory' in r for r in results):
         print('\n| model | variant | step peak above live (MiB) | ratio | live before step (MiB) | total peak (MiB) | ratio |')
         print('|---|---|---|---|---|---|---|')
@@ -304,9 +371,10 @@ def print_tables(results: List[Dict], info: Dict) -> None:
                 print(f"| {r['model']} | {k} | {v['step_peak_mib']:.0f} | {v['step_peak_mib'] / ref['step_peak_mib']:.2f}x | "
                       f"{v['live_before_mib']:.0f} | {v['total_peak_mib']:.0f} | "
                       f"{v['total_peak_mib'] / ref['total_peak_mib']:.2f}x |")
-    print('\nequality checks (relative error, float32):')
+    print('\nequality checks against the reference (relative error, float32):')
     for r in results:
-        print(f"  {r['model']}: " + ', '.join(f'{k} {v:.1e}' for k, v in r['check'].items()))
+        for k, errs in r['check'].items():
+            print(f"  {r['model']} {k}: " + ', '.join(f'{e} {v:.1e}' for e, v in errs.items()))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -320,6 +388,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--train-batch', type=int, default=None, help='default 8 (CPU) or 128 (GPU)')
     p.add_argument('--no-memory', dest='memory', action='store_false')
     p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile rows')
+    p.add_argument('--cpu-kernels-all', action='store_true',
+                   help="add the variant 'library-all': DYNAMIXER_CPU_KERNELS=all (also the training MLP's compiled GELU)")
+    p.add_argument('--latency', action='store_true', help='also batch-1 inference latency')
+    p.add_argument('--img-size', type=int, default=None, help="input size (default: the model's own)")
     p.add_argument('--matmul-size', type=int, default=None, help='default 2048 (CPU), 8192 (GPU)')
     p.add_argument('--tol', type=float, default=1e-5)
     p.add_argument('--threads', type=int, default=None)
@@ -347,6 +419,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     info['matmul_gflops_cpu_time'] = median([r[1] for r in mm_rates]) / 1e9
     info['load_avg_end'] = os.getloadavg()
     info['args'] = vars(args)
+    info['cpu_kernels'] = dynamixer.cpu_kernels_mode()
     print_tables(results, info)
     if args.json:
         with open(args.json, 'w') as f:

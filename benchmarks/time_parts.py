@@ -10,7 +10,11 @@ Inference (batch 16, eval, inference_mode): dynamic mixing (`dynamic_mix_forward
 branch projections (`reweighted_sum`), the chunked MLP (`mlp_residual_inference_`), the rest
 (LayerNorm, the reduction and output projections, means, stem, head). Training step (batch 8,
 AdamW): forward, backward, optimizer, and inside them the autograd Functions `DynamicMix`,
-`ReweightedSum` and `RecomputeGeluMlp`.
+`ReweightedSum` and `RecomputeGeluMlp`. Where the compiled CPU kernels run (the default on the
+CPU, `--cpu-kernels` 0 / 1 / all as DYNAMIXER_CPU_KERNELS), their parts are `cpp_mix_forward`,
+`CppDynamicMix` and `CppRecomputeGeluMlp.backward`.
+
+    python benchmarks/time_parts.py --model dynamixer_s --threads 1 --cpu-kernels 0
 """
 import argparse
 import sys
@@ -25,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 import dynamixer  # noqa: F401  (registers the models)
 import dynamixer.model as dm
-from dynamixer.ops import dispatch, explain_paths, fast_forms, mixing, mlp
+from dynamixer.ops import cpu_kernels, dispatch, explain_paths, fast_forms, mixing, mlp
 
 TIMES: Dict[str, float] = defaultdict(float)
 
@@ -66,7 +70,7 @@ def part_macs(model: torch.nn.Module, infer_batch: int, train_batch: int) -> Dic
         totals[label] = fc.get_total_flops() / 2
     b, bt = infer_batch, train_batch
     fwd = totals['training step'] / 3
-    return {
+    counts = {
         'inference': {'total': totals['inference'], 'dynamic_mix_forward': b * mix, 'reweighted_sum': b * rsum,
                       'mlp_residual_inference_': b * mlp},
         'training step': {
@@ -75,17 +79,26 @@ def part_macs(model: torch.nn.Module, infer_batch: int, train_batch: int) -> Dic
             'ReweightedSum.forward': bt * rsum, 'ReweightedSum.backward': 2 * bt * rsum,
             'RecomputeGeluMlp.forward': bt * mlp, 'RecomputeGeluMlp.backward': 2 * bt * mlp},
     }
+    # the compiled CPU kernels' parts, where they run
+    counts['inference']['cpp_mix_forward'] = b * mix
+    counts['training step'].update({'CppDynamicMix.forward': bt * mix, 'CppDynamicMix.backward': 2 * bt * mix,
+                                    'CppRecomputeGeluMlp.backward': 2 * bt * mlp})
+    return counts
 
 
 def instrument() -> None:
     # timing wrappers where the fast forms look the kernels up (ops.dispatch picks the path)
-    train, infer = dispatch.KERNELS['fast']
-    dispatch.KERNELS['fast'] = (train, _timed('dynamic_mix_forward', infer))
+    for backend, label in (('fast', 'dynamic_mix_forward'), ('cpp', 'cpp_mix_forward')):
+        train, infer = dispatch.KERNELS[backend]
+        dispatch.KERNELS[backend] = (train, _timed(label, infer))
     for name in ('reweighted_sum', 'mlp_residual_inference_'):
         setattr(fast_forms, name, _timed(name, getattr(fast_forms, name)))
-    for cls in (mixing.DynamicMix, mixing.ReweightedSum, mlp.RecomputeGeluMlp):
+    for cls in (mixing.DynamicMix, cpu_kernels.CppDynamicMix, mixing.ReweightedSum, mlp.RecomputeGeluMlp):
         for meth in ('forward', 'backward'):
             setattr(cls, meth, staticmethod(_timed(f'{cls.__name__}.{meth}', getattr(cls, meth))))
+    # its forward is RecomputeGeluMlp's (timed above)
+    cls = cpu_kernels.CppRecomputeGeluMlp
+    cls.backward = staticmethod(_timed('CppRecomputeGeluMlp.backward', cls.backward))
 
 
 def main() -> int:
@@ -95,7 +108,11 @@ def main() -> int:
     p.add_argument('--infer-batch', type=int, default=16)
     p.add_argument('--train-batch', type=int, default=8)
     p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--cpu-kernels', default=None, choices=['0', '1', 'all'],
+                   help='the compiled CPU kernels: as DYNAMIXER_CPU_KERNELS (default: as configured)')
     args = p.parse_args()
+    if args.cpu_kernels is not None:
+        dynamixer.set_cpu_kernels(args.cpu_kernels)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -160,7 +177,8 @@ def main() -> int:
         rows = sorted(res.items(), key=lambda kv: -kv[1])
         if label == 'inference':
             rows.append(('rest', total - sum(res.values())))
-            macs = dict(macs, rest=macs['total'] - sum(v for k, v in macs.items() if k != 'total'))
+            # the parts that ran (the eager or the compiled mixing, not both)
+            macs = dict(macs, rest=macs['total'] - sum(macs.get(k, 0.0) for k in res))
         for k, v in rows:
             f = macs.get(k, 0.0) / rate
             print(f'| {k} | {1e3 * v:.0f} | {100 * v / total:.0f}% | {1e3 * f:.0f} | {100 * f / v:.0f}% |')

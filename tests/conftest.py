@@ -23,3 +23,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def eager_kernels():
+    """The fast path with its eager PyTorch kernels only (`ops.mixing`, `ops.mlp`), not the
+    compiled CPU kernels, for the tests of those eager kernels."""
+    with dynamixer.set_cpu_kernels(False):
+        yield
+
+
+@pytest.fixture(scope='session')
+def cpu_kernels_built():
+    """`dynamixer.ops.cpu_kernels`, built (the first time in a session compiles, about 15-30 s;
+    later sessions load the cached library). Skipped only without a C++ compiler: a failing build
+    with a compiler present is a test failure (the test extra installs ninja)."""
+    import shutil
+    from dynamixer.ops import cpu_kernels
+    if shutil.which(os.environ.get('CXX', 'c++').split()[0]) is None:
+        pytest.skip('no C++ compiler on PATH: the compiled CPU kernels cannot be built here')
+    assert cpu_kernels.available(), f'the compiled CPU kernels did not build: {cpu_kernels.build_error()}'
+    return cpu_kernels

@@ -67,6 +67,7 @@ training configs, random-weight checkpoints in this project's format and exporte
 defined here are imported by the test modules that use them (`from helpers import folder, ...`)."""
 import contextlib
 import copy
+import importlib
 import io
 import json
 import os
@@ -89,6 +90,7 @@ from dynamixer import cli
 from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.data import sample_images
+from dynamixer.errors import DynaMixerError
 from dynamixer.recipes import resolve_config
 from dynamixer.train import train
 
@@ -249,3 +251,31 @@ def _add_bad_files(d):
     buf.unlink()
     (d / 'notes.txt').write_text('ignored: not an image extension')
 
+
+
+# ==== commands: int8 and benchmark (test_quantize, test_benchmark) ===============================
+
+def cli_result(*argv):
+    """(exit code, stdout, stderr) of `dynamixer ARGV` in this process. A DynaMixerError that
+    leaves the command counts as what the command line makes of it: `error: ...`, exit code 2
+    (whether cli.main or this helper catches it)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main([str(a) for a in argv])
+        except DynaMixerError as e:
+            print(f'error: {e}', file=sys.stderr)
+            rc = 2
+    return rc, out.getvalue(), err.getvalue()
+
+
+def block_import(monkeypatch, package: str) -> None:
+    """Make `importlib.import_module(package...)` fail as if `package` were not installed (what
+    `dynamixer.errors.require` sees)."""
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name.split('.')[0] == package:
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *a, **k)
+    monkeypatch.setattr(importlib, 'import_module', fake)

@@ -101,9 +101,9 @@ def test_ablate_resumes_finished_runs(tiny_ablation, capsys):
     assert json.loads((out / 'runs' / 'dynamic__seed0.json').read_text()) == before
 
 
-def test_ablate_rejects_unknown_variant(tmp_path):
-    with pytest.raises(SystemExit, match='unknown variant'):
-        cli.main(['ablate', '--out', str(tmp_path), '--variants', 'nope'])
+def test_ablate_rejects_unknown_variant(tmp_path, capsys):
+    assert cli.main(['ablate', '--out', str(tmp_path), '--variants', 'nope']) == 2
+    assert 'error: unknown variant' in capsys.readouterr().err
 
 
 def test_ablate_explains_a_bad_folder(tmp_path, capsys):

@@ -40,10 +40,21 @@ def test_bench_speed_smoke(tmp_path):
     import bench_speed
     out = tmp_path / 'r.json'
     assert bench_speed.main(['--models', 'dynamixer_nano', '--rounds', '1', '--warmup', '0', '--no-compile',
-                             '--matmul-size', '256', '--json', str(out)]) == 0
+                             '--matmul-size', '256', '--latency', '--img-size', '64', '--infer-batch', '2',
+                             '--train-batch', '2', '--json', str(out)]) == 0
     res = json.loads(out.read_text())['results'][0]
-    assert res['check']['output'] <= 1e-5 and res['memory']['library']['step_peak_mib'] > 0
-    assert set(res['images_per_s']) == {'infer/reference', 'infer/library', 'train/reference', 'train/library'}
+    assert res['check']['library']['output'] <= 1e-5 and res['check']['library-eager']['output'] <= 1e-5
+    assert res['memory']['library']['step_peak_mib'] > 0
+    assert set(res['images_per_s']) == {f'{kind}/{variant}' for kind in ('infer', 'train', 'latency')
+                                        for variant in ('reference', 'library', 'library-eager')}
+    # at 64x64 nano's first stage (16x16 tokens) takes the fast mixing: the compiled kernels in
+    # 'library' when they build, the eager ones in 'library-eager'; the later 8x8 stages are plain
+    from dynamixer.ops import cpu_kernels
+    backend = 'cpp' if cpu_kernels.available() else 'fast'
+    assert res['paths_inference']['library'][f'{backend}-inference'] == 6        # two blocks and their ops
+    assert res['paths_train']['library'][f'{backend}-train'] == 6
+    assert res['paths_inference']['library-eager']['fast-inference'] == 6 + 8     # and the 8 MLPs
+    assert not any(p.startswith('cpp') for p in res['paths_train']['library-eager'])
 
 
 def test_time_parts_smoke():

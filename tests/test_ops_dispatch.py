@@ -21,6 +21,12 @@ def _fast_path_for_every_size(monkeypatch):
     monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 1)
 
 
+@pytest.fixture(autouse=True)
+def _eager_kernels(eager_kernels):
+    """The dispatch's table with the eager kernels; the compiled CPU kernels' rules are tested at
+    the end of this file (they switch them back on), their numerics in test_ops_cpu_kernels.py."""
+
+
 def test_short_sequences_take_the_plain_path(monkeypatch):
     monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 16)
     # one decision for the block and both of its ops: an 8-token axis keeps all of it plain
@@ -123,17 +129,21 @@ def test_switch_global_and_as_context_manager():
     assert dynamixer.explain_paths(blk, x)[''] == 'fast-train'
 
 
-def test_environment_variable_turns_the_fast_paths_off():
+def test_environment_variables_turn_the_fast_paths_and_the_compiled_kernels_off():
+    """DYNAMIXER_FAST_PATH=0 gives the plain path, also with the compiled kernels allowed;
+    DYNAMIXER_CPU_KERNELS=0 keeps the eager kernels. Neither builds anything."""
     import os
     import subprocess
     import sys
     code = ('import dynamixer, torch\n'
-            'from dynamixer.ops import dispatch\n'
+            'from dynamixer.ops import cpu_kernels, dispatch\n'
             'dispatch.FAST_PATH_MIN_TOKENS = 1\n'
             'b = dynamixer.DynaMixerBlock(8, (4, 4), 2, 2)\n'
-            'print(dynamixer.fast_path_enabled(), dynamixer.explain_paths(b, torch.randn(1, 4, 4, 8))[""])')
-    for value, expected in (('0', 'False plain'), ('off', 'False plain'), ('1', 'True fast-train')):
-        env = dict(os.environ, DYNAMIXER_FAST_PATH=value)
+            'print(dynamixer.fast_path_enabled(), dynamixer.explain_paths(b, torch.randn(1, 4, 4, 8))[""],'
+            ' dynamixer.cpu_kernels_mode(), cpu_kernels._tried)')
+    for fast, kernels, expected in (('0', '0', 'False plain off False'), ('off', '1', 'False plain mixing False'),
+                                    ('1', '0', 'True fast-train off False')):
+        env = dict(os.environ, DYNAMIXER_FAST_PATH=fast, DYNAMIXER_CPU_KERNELS=kernels)
         out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
 
@@ -183,20 +193,25 @@ def test_hooks_and_swapped_modules_take_the_plain_path():
         assert dynamixer.explain_paths(blk, x)[''] == 'fast-inference'
 
 
-def test_cpp_backend_slot(monkeypatch):
-    """A compiled CPU backend (ops/cpu_kernels.py: available(), DynamicMix, dynamic_mix_forward)
-    is picked up on the CPU when present; here stood in for by the PyTorch kernels."""
-    from dynamixer.ops import mixing
+class _WeightSubclass(torch.Tensor):
+    """Stands in for torchao's int8 weights and FSDP's DTensor: the module stays, its weight is a subclass."""
+
+
+def test_weights_swapped_for_tensor_subclasses_take_the_plain_path():
     blk = randomize_(DynaMixerBlock(8, (4, 4), 2, 2).double(), std=0.3)
+    layer = MixerLayer(8, (4, 4), 2, 2).double()
     x = torch.randn(2, 4, 4, 8, dtype=torch.float64)
     with torch.no_grad():
         expected = blk(x)
-        monkeypatch.setitem(dispatch.KERNELS, 'cpp', (mixing.DynamicMix.apply, mixing.dynamic_mix_forward))
-        monkeypatch.setattr(dispatch, 'cpp_available', lambda: True)
-        monkeypatch.setattr(dispatch, '_cpp_ok', None)
-        assert dynamixer.explain_paths(blk, x)[''] == 'cpp-inference'
-        torch.testing.assert_close(blk(x), expected, rtol=0, atol=0)
-    assert dispatch.mixing_path(blk, x) == 'cpp-train'
+        assert dynamixer.explain_paths(blk, x)[''] == 'fast-inference'
+        gen = blk.mix_w.generate
+        gen.weight = torch.nn.Parameter(gen.weight.detach().as_subclass(_WeightSubclass))
+        assert dynamixer.explain_paths(blk, x)[''] == 'plain'
+        torch.testing.assert_close(blk(x).as_subclass(torch.Tensor), expected, rtol=1e-10, atol=1e-12)
+        assert dispatch.mlp_path(layer.eval(), x) == 'fast-inference'
+        fc = layer.mlp.fc2
+        fc.bias = torch.nn.Parameter(fc.bias.detach().as_subclass(_WeightSubclass))
+        assert dispatch.mlp_path(layer, x) == 'plain'
 
 
 def test_explain_paths_on_nano():
@@ -208,3 +223,147 @@ def test_explain_paths_on_nano():
     assert paths['stages.0.blocks.0.token_mixer'] == paths['stages.0.blocks.0.token_mixer.mix_h'] == 'fast-inference'
     assert paths['stages.3.blocks.1.mlp'] == 'fast-inference'
     assert len(paths) == 8 * 4
+
+
+def test_empty_batch_takes_the_plain_path():
+    """A batch of 0 goes down the plain path (the fast kernels split their work by batch) and gives
+    the plain path's empty result, with and without autograd; a batch of 1 still takes the fast one."""
+    model = random_nano().eval()
+    empty, one = torch.empty(0, 3, 32, 32, dtype=torch.float64), torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert set(dynamixer.explain_paths(model, one).values()) == {'fast-inference'}
+        assert set(dynamixer.explain_paths(model, empty).values()) == {'plain'}
+        with dynamixer.set_fast_path(False):
+            plain = model(empty)
+        out = model(empty)
+    assert out.shape == plain.shape == (0, 5) and out.dtype == plain.dtype
+    model.train()
+    assert 'fast-train' in dynamixer.explain_paths(model, one).values()
+    x = empty.clone().requires_grad_()
+    assert set(dynamixer.explain_paths(model, x).values()) == {'plain'}
+    y = model(x)
+    y.sum().backward()
+    assert y.shape == (0, 5) and x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------ the compiled CPU kernels' rules
+
+
+def test_cpp_kernels_serve_the_cpu_fast_path(cpu_kernels_built, monkeypatch):
+    blk = randomize_(DynaMixerBlock(8, (4, 5), 2, 2), std=0.3)                 # float32
+    layer = MixerLayer(8, (4, 5), 2, 2)
+    x = torch.randn(2, 4, 5, 8)
+    with dynamixer.set_cpu_kernels(True):
+        assert dynamixer.cpu_kernels_mode() == 'mixing'
+        assert dynamixer.explain_paths(blk, x) == {'': 'cpp-train', 'mix_h': 'cpp-train', 'mix_w': 'cpp-train'}
+        with torch.no_grad():
+            assert dispatch.mixing_path(blk, x) == 'cpp-inference'
+            assert dispatch.mixing_path(blk.mix_w, x) == 'cpp-inference'         # an op on its own
+            assert dispatch.mlp_path(layer.eval(), x) == 'fast-inference'
+            with torch.autocast('cpu', dtype=torch.bfloat16):                  # CPU autocast: plain
+                assert dispatch.mixing_path(blk, x) == 'plain'
+        assert dispatch.mlp_path(layer.train(), x) == 'fast-train'              # the MLP: only with 'all'
+        with dynamixer.set_cpu_kernels('all'):
+            assert dispatch.mlp_path(layer, x) == 'cpp-train'
+            with torch.no_grad():
+                assert dispatch.mlp_path(layer.eval(), x) == 'fast-inference'   # inference MLP stays eager
+            layer.train().mlp.act.approximate = 'tanh'                          # the pair is exact-erf GELU
+            assert dispatch.mlp_path(layer, x) == 'fast-train'
+        # dtypes the kernels do not take, and sequences longer than they take: the eager kernels
+        bf = copy.deepcopy(blk).bfloat16()
+        assert dispatch.mixing_path(bf, x.bfloat16()) == 'fast-train'
+        assert dispatch.mixing_path(copy.deepcopy(blk).double(), x.double()) == 'cpp-train'
+        monkeypatch.setattr(dispatch, 'CPP_MAX_TOKENS', 4)                     # the width branch has 5
+        assert dispatch.mixing_path(blk, x) == 'fast-train'
+        monkeypatch.setattr(dispatch, 'CPP_MAX_TOKENS', 5)
+        assert dispatch.mixing_path(blk, x) == 'cpp-train'
+        # the fast-path switch still selects the plain path
+        with dynamixer.set_fast_path(False):
+            assert dispatch.mixing_path(blk, x) == 'plain'
+    with dynamixer.set_cpu_kernels(False):
+        assert dispatch.mixing_path(blk, x) == 'fast-train'
+    # the same function on every path (float64)
+    blk64 = randomize_(DynaMixerBlock(8, (4, 5), 2, 2).double(), std=0.3)
+    x64 = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    outs = {}
+    for mode in (True, False):
+        with dynamixer.set_cpu_kernels(mode), torch.no_grad():
+            outs[mode] = blk64(x64)
+    with dynamixer.set_fast_path(False), torch.no_grad():
+        plain = blk64(x64)
+    torch.testing.assert_close(outs[True], plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs[False], plain, rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_kernels_switch_values():
+    from dynamixer.errors import DynaMixerError
+    before = dynamixer.cpu_kernels_mode()
+    for value, mode in ((False, 'off'), (True, 'mixing'), ('0', 'off'), ('off', 'off'), ('1', 'mixing'),
+                        ('ON', 'mixing'), ('all', 'all'), (' All ', 'all')):
+        with dynamixer.set_cpu_kernels(value):
+            assert dynamixer.cpu_kernels_mode() == mode
+        assert dynamixer.cpu_kernels_mode() == before
+    dynamixer.set_cpu_kernels('all')
+    try:
+        assert dynamixer.cpu_kernels_mode() == 'all'
+    finally:
+        dynamixer.set_cpu_kernels(before)
+    assert dynamixer.cpu_kernels_mode() == before
+    with pytest.raises(DynaMixerError, match=r"set_cpu_kernels\(mode\) = 'fastest' is not understood: use 0 .* 1 .* all"):
+        dynamixer.set_cpu_kernels('fastest')
+    assert dynamixer.cpu_kernels_mode() == before
+
+
+def test_unknown_cpu_kernels_value_stops_the_import():
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, '-c', 'import dynamixer'], env=dict(os.environ, DYNAMIXER_CPU_KERNELS='fast'),
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "DYNAMIXER_CPU_KERNELS = 'fast' is not understood: use 0" in out.stderr
+
+
+def test_failed_build_falls_back_to_the_eager_kernels_once(monkeypatch, tmp_path):
+    """A build that fails (here: sources that do not compile, in a scratch extension folder): one
+    RuntimeWarning with the reason and the switch that silences it, then the eager fast path,
+    computing the same function; no compiler: the reason names it."""
+    import warnings
+    from dynamixer.ops import cpu_kernels
+    broken = tmp_path / 'csrc'
+    broken.mkdir()
+    for f in cpu_kernels._SOURCES + cpu_kernels._HEADERS:
+        (broken / f).write_text('#error simulated build failure\n')
+    monkeypatch.setattr(cpu_kernels, '_CSRC', str(broken))
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'extensions'))
+
+    def fresh_state():
+        for name, value in (('_ops', None), ('_error', None), ('_tried', False)):
+            monkeypatch.setattr(cpu_kernels, name, value)
+        monkeypatch.setattr(dispatch, '_cpp_ok', None)
+    fresh_state()
+    blk = randomize_(DynaMixerBlock(8, (4, 5), 2, 2).double(), std=0.3)
+    x = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    with dynamixer.set_cpu_kernels(True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        y = blk(x)
+        assert dynamixer.explain_paths(blk, x)[''] == 'fast-train'
+        with torch.no_grad():
+            assert dispatch.mixing_path(blk, x) == 'fast-inference'
+        assert not cpu_kernels.available()
+    ours = [w for w in caught if 'compiled CPU kernels' in str(w.message)]
+    assert len(ours) == 1 and ours[0].category is RuntimeWarning
+    msg = str(ours[0].message)
+    assert 'simulated build failure' in msg and 'the eager PyTorch fast path runs instead' in msg
+    assert 'DYNAMIXER_CPU_KERNELS=0' in msg
+    assert 'simulated build failure' in cpu_kernels.build_error()
+    with dynamixer.set_fast_path(False):
+        torch.testing.assert_close(y, blk(x), rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match='unavailable'):
+        cpu_kernels.cpp_mix_forward(torch.zeros(1, 2, 1, 2), torch.zeros(1, 2), torch.zeros(4, 2), torch.zeros(4), 1)
+    # no compiler at all
+    fresh_state()
+    monkeypatch.setenv('CXX', 'no-such-compiler-dynamixer')
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler \\('no-such-compiler-dynamixer'\\)"):
+        assert not cpu_kernels.available()

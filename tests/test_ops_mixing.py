@@ -23,6 +23,12 @@ def _fast_path_for_every_size(monkeypatch):
     monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 1)
 
 
+@pytest.fixture(autouse=True)
+def _eager_kernels(eager_kernels):
+    """This file tests the eager PyTorch kernels (ops.mixing, ops.mlp); the compiled CPU kernels
+    are tested in test_ops_cpu_kernels.py."""
+
+
 @pytest.mark.parametrize('n,dim,segments,d', [(7, 15, 3, 3), (5, 8, 1, 2), (4, 12, 4, 1)])
 def test_op_forward_and_grads_match_reference(n, dim, segments, d):
     op = randomize_(DynaMixerOp(dim, n, segments, d).double())

@@ -20,6 +20,12 @@ def _fast_path_for_every_size(monkeypatch):
     monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 1)
 
 
+@pytest.fixture(autouse=True)
+def _eager_kernels(eager_kernels):
+    """This file tests the eager PyTorch kernels (ops.mixing, ops.mlp); the compiled CPU kernels
+    are tested in test_ops_cpu_kernels.py."""
+
+
 @pytest.mark.parametrize('chunk', [1, 7, 10_000])
 def test_layer_inference_path_equals_plain_layer(monkeypatch, chunk):
     """Eval-mode CPU inference runs the MLP over chunks of tokens, in place; same function."""

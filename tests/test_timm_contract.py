@@ -137,7 +137,8 @@ def test_lora_wrapper_and_pruning_take_the_plain_path():
         out = layer(x)
         prune.remove(layer.token_mixer.mix_w.generate, 'weight')   # the pruned weights, baked in
         prune.remove(layer.mlp.fc2, 'weight')
-        assert dynamixer.explain_paths(layer, x)['token_mixer'] == 'fast-inference'
+        # back on a fast path (the compiled CPU kernels' or the eager ones)
+        assert dynamixer.explain_paths(layer, x)['token_mixer'] in ('cpp-inference', 'fast-inference')
         torch.testing.assert_close(layer(x), out, rtol=1e-10, atol=1e-12)
 
 

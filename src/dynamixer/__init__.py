@@ -10,8 +10,9 @@ from .model import (
     checkpoint_filter_fn, token_grids,
 )
 from .checkpoint import CheckpointError, load_model, read_checkpoint, validate_checkpoint_file
+from .errors import DynaMixerError
 from .layout import unwrap_state_dict
-from .ops import explain_paths, fast_path_enabled, set_fast_path
+from .ops import cpu_kernels_mode, explain_paths, fast_path_enabled, set_cpu_kernels, set_fast_path
 from .resample import resample_state_dict
 from .dense import pyramid_backbone
 

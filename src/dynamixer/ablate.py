@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
@@ -38,11 +37,13 @@ import torch.distributed as dist
 
 import timm
 
+from .argtypes import non_negative_int, positive_int
 from .data import build_datasets
 from .engine import Process, count_macs, setup_process
-from .errors import DynaMixerError
+from .errors import UsageError, require
+from .files import check_output_folder
 from .model import MODEL_ARGS
-from .recipes import resolve_config
+from .recipes import RANGES, resolve_config
 from .train import train
 
 # The grid. The baseline is dynamixer_nano as registered: S = (4, 8, 8, 8) per stage, d = 2,
@@ -85,41 +86,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--add-variant', action='append', default=[], metavar='NAME=JSON',
                         help='extra variant: a name and the model options as JSON, e.g. '
                              '\'d=16={"reduced_dim": 16}\' (repeatable)')
-    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--seeds', nargs='+', type=RANGES['seed'], default=[0, 1, 2])
     parser.add_argument('--model', default=d['model'], help='timm model name (default: %(default)s)')
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--img-size', type=RANGES['img_size'], default=None,
                         help='input size (default: the canvas for digits, the model\'s for folders)')
-    parser.add_argument('--epochs', type=int, default=d['epochs'])
-    parser.add_argument('--batch-size', type=int, default=d['batch_size'])
-    parser.add_argument('--lr', type=float, default=d['lr'])
-    parser.add_argument('--weight-decay', type=float, default=d['weight_decay'])
-    parser.add_argument('--warmup-epochs', type=int, default=d['warmup_epochs'])
-    parser.add_argument('--min-lr', type=float, default=d['min_lr'])
-    parser.add_argument('--smoothing', '--label-smoothing', dest='smoothing', type=float, default=d['smoothing'],
+    parser.add_argument('--epochs', type=RANGES['epochs'], default=d['epochs'])
+    parser.add_argument('--batch-size', type=RANGES['batch_size'], default=d['batch_size'])
+    parser.add_argument('--lr', type=RANGES['lr'], default=d['lr'])
+    parser.add_argument('--weight-decay', type=RANGES['weight_decay'], default=d['weight_decay'])
+    parser.add_argument('--warmup-epochs', type=RANGES['warmup_epochs'], default=d['warmup_epochs'])
+    parser.add_argument('--min-lr', type=RANGES['min_lr'], default=d['min_lr'])
+    parser.add_argument('--smoothing', '--label-smoothing', dest='smoothing', type=RANGES['smoothing'],
+                        default=d['smoothing'],
                         help='label smoothing, as in `dynamixer train` (--label-smoothing: old spelling)')
-    parser.add_argument('--drop-path', type=float, default=d['drop_path'])
-    parser.add_argument('--num-train', type=int, default=d['num_train'], help='digits: training canvases')
-    parser.add_argument('--num-val', type=int, default=d['num_val'], help='digits: val canvases')
-    parser.add_argument('--canvas', type=int, default=d['canvas'], help='digits: canvas size')
-    parser.add_argument('--align', type=int, default=d['align'],
+    parser.add_argument('--drop-path', type=RANGES['drop_path'], default=d['drop_path'])
+    parser.add_argument('--num-train', type=RANGES['num_train'], default=d['num_train'],
+                        help='digits: training canvases')
+    parser.add_argument('--num-val', type=RANGES['num_val'], default=d['num_val'], help='digits: val canvases')
+    parser.add_argument('--canvas', type=RANGES['canvas'], default=d['canvas'], help='digits: canvas size')
+    parser.add_argument('--align', type=RANGES['align'], default=d['align'],
                         help='digits: digit positions on multiples of this many pixels')
-    parser.add_argument('--data-seed', type=int, default=0, help='digits: seed of the generated data set')
-    parser.add_argument('--hflip', type=float, default=0.5,
+    parser.add_argument('--data-seed', type=RANGES['data_seed'], default=0,
+                        help='digits: seed of the generated data set')
+    parser.add_argument('--hflip', type=RANGES['hflip'], default=0.5,
                         help='folders: horizontal flip probability (never used for digits, where '
                              'left and right are the label)')
-    parser.add_argument('--workers', type=int, default=2, help='folders: data loader workers')
+    parser.add_argument('--workers', type=RANGES['workers'], default=2, help='folders: data loader workers')
     parser.add_argument('--device', default='auto', help="'auto' (cuda:LOCAL_RANK if present), 'cpu', 'cuda:0'...")
     parser.add_argument('--amp', nargs='?', const='auto', default='none', choices=['auto', 'bf16', 'fp16', 'none'],
                         help="mixed precision, as in `dynamixer train` (default: none); a bare --amp (the "
                              "old switch) means 'auto': bf16 or fp16 on GPUs, off on CPUs")
-    parser.add_argument('--threads', type=int, default=None,
+    parser.add_argument('--threads', type=RANGES['threads'], default=None,
                         help='torch CPU threads per process (1 is fastest on a busy machine)')
     parser.add_argument('--no-checkpoints', action='store_true', help='do not save final weights')
     parser.add_argument('--fresh', action='store_true', help='retrain runs already in OUT/runs')
     parser.add_argument('--report-only', action='store_true',
                         help='train nothing: write the tables and plot from the runs in OUT/runs')
-    parser.add_argument('--speed-batch', type=int, default=64, help='batch for the images/s measurement')
-    parser.add_argument('--speed-rounds', type=int, default=30,
+    parser.add_argument('--speed-batch', type=positive_int, default=64, help='batch for the images/s measurement')
+    parser.add_argument('--speed-rounds', type=non_negative_int, default=30,
                         help='interleaved timing rounds per variant (0 skips the measurement)')
 
 
@@ -195,7 +199,9 @@ def train_run(name: str, options: Dict[str, Any], seed: int, cfg: Dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp:
         config = train_config(cfg, options, seed, shape, output or os.path.join(tmp, 'run'))
         data = None if is_left_digit(cfg['data']) else cfg['data']
-        result = train(config, data=data, process=Process(0, 1, device))
+        # OUT/runs is the grid's own: a run is retrained there only when its result is missing or
+        # stale (another recipe) or --fresh asks, so it may replace what is in its folder
+        result = train(config, data=data, process=Process(0, 1, device), overwrite=True)
     history = result['history']
     last = history[-1]
     seconds = sum(h['epoch_s'] for h in history)
@@ -313,7 +319,7 @@ def write_tables(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]
 
 def plot(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], title: str = '') -> str:
     """Two panels: top-1 of every run with mean ± std per variant; mean top-1 against MMACs."""
-    import matplotlib
+    matplotlib = require('matplotlib', None, 'the ablation plot')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
@@ -371,8 +377,8 @@ def _parse_extra(specs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
             if not isinstance(options, dict):
                 raise ValueError
         except ValueError:
-            raise SystemExit(f'--add-variant {spec!r}: expected NAME={{JSON options}}, '
-                             f'e.g. \'d=16={{"reduced_dim": 16}}\'')
+            raise UsageError(f'--add-variant {spec!r}: expected NAME={{JSON options}}, '
+                             f'e.g. \'d=16={{"reduced_dim": 16}}\'') from None
         extra[name] = options
     return extra
 
@@ -391,15 +397,12 @@ def run(args: argparse.Namespace) -> int:
     grid.update(_parse_extra(args.add_variant))
     unknown = [v for v in args.variants if v not in grid]
     if unknown:
-        raise SystemExit(f'unknown variant(s) {unknown}; choose from {list(grid)} or add one with --add-variant')
+        raise UsageError(f'unknown variant(s) {unknown}; choose from {list(grid)} or add one with --add-variant')
     variants = list(dict.fromkeys(args.variants + list(_parse_extra(args.add_variant))))
     cfg['variants'] = variants
     logging.basicConfig(level=logging.INFO, format='%(message)s')  # the runs' epoch lines
-    try:
-        return _run_grid(args, cfg, grid, variants)
-    except DynaMixerError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    check_output_folder(args.out, 'ablation folder (--out)')
+    return _run_grid(args, cfg, grid, variants)
 
 
 def _run_grid(args: argparse.Namespace, cfg: Dict[str, Any], grid: Dict[str, Dict[str, Any]],

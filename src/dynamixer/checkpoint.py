@@ -43,9 +43,22 @@ def load_model(
     generators are then resampled, see `dynamixer.resample`).
 
     Returns (model in eval mode, info) with info keys 'model', 'num_classes', 'class_names'
-    (None when the checkpoint has none) and 'config' (the training config, or {}).
+    (None when the checkpoint has none) and 'config' (the training config, or {}). A file that
+    cannot be read, or whose weights fit no model, raises CheckpointError (a ValueError) saying why.
     """
     checkpoint = read_checkpoint(path)
+    try:
+        return _build(checkpoint, path, model_name, kwargs)
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        # weights of another shape, a config naming an unknown model, ...: the file does not fit
+        raise CheckpointError(f'{os.fspath(path)}: cannot load it as {model_name or "a DynaMixer model"}: '
+                              f'{e}') from None
+
+
+def _build(checkpoint: Dict[str, Any], path: PathLike, model_name: Optional[str],
+           kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     config = checkpoint.get('config') if isinstance(checkpoint.get('config'), dict) else {}
     model_name = model_name or config.get('model')
     model_kwargs = dict(config.get('model_kwargs') or {})

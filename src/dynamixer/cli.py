@@ -1,12 +1,23 @@
-"""The `dynamixer` command line: one sub-command per module.
+"""The `dynamixer` command line: one sub-command per module, and the one error policy.
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; add a line to
 COMMANDS to register a new one.
+
+The error policy lives here and nowhere else; commands raise, they do not print and exit:
+
+- a bad flag value: argparse refuses it (numeric flags use `argtypes.Bounded`), exit code 2;
+- a `DynaMixerError` (the user's mistake: a damaged checkpoint, a data folder that cannot be used,
+  an output path that cannot be written, a missing optional dependency, ...): ``error: <message>``
+  on stderr, exit code 2, no traceback;
+- Ctrl-C: exit code 130 (training first names the checkpoint to resume from);
+- any other exception is a bug: it propagates with its full traceback.
 """
 import argparse
 import importlib
 import sys
 from typing import List, Optional
+
+from .errors import DynaMixerError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -18,6 +29,8 @@ COMMANDS = {
     'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
     'ablate': ('dynamixer.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
                                    'block) and tabulate top-1 over seeds'),
+    'benchmark': ('dynamixer.benchmark', 'throughput and latency of models (this library\'s and timm\'s) per '
+                                         'runtime, precision and batch size'),
     'dense': ('dynamixer.dense.command', 'train and evaluate detectors (torchvision) and a segmenter on '
                                          'the digits detection task, DynaMixer vs timm backbones'),
     'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
@@ -37,12 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; returns its exit code (0 ok, 1 a result that failed, 2 a user error, 130
+    interrupted). Argument errors exit through argparse (SystemExit with code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except DynaMixerError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # a command may say how to continue (train: the checkpoint)
+        print('\ninterrupted' + (f'; {e}' if str(e) else ''), file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

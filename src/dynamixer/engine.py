@@ -31,7 +31,7 @@ class DeviceError(DynaMixerError, ValueError):
     """A device that is asked for but not there."""
 
 
-class NonFiniteLoss(ArithmeticError):
+class NonFiniteLoss(DynaMixerError, ArithmeticError):
     """The loss became NaN or infinite (on any process); `loss`, `epoch` (0-based) and `step` say where."""
 
     def __init__(self, loss: float, epoch: int, step: int):
@@ -58,9 +58,15 @@ def resolve_device(name: str = 'auto', local_rank: int = 0) -> torch.device:
     use_cuda = torch.cuda.is_available() if name == 'auto' else name.startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
         raise DeviceError(f"device '{name}' asked for, but no CUDA GPU is available")
-    if not use_cuda:
-        return torch.device(name if name not in ('auto',) else 'cpu')
-    return torch.device(name) if ':' in name else torch.device('cuda', local_rank)
+    try:
+        if not use_cuda:
+            return torch.device(name if name not in ('auto',) else 'cpu')
+        device = torch.device(name) if ':' in name else torch.device('cuda', local_rank)
+    except RuntimeError as e:  # 'gpu', 'cuda:x', ...
+        raise DeviceError(f"unknown device '{name}'; use 'auto', 'cpu', 'cuda' or 'cuda:N' ({e})") from None
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device '{name}' asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
+    return device
 
 
 def setup_process(device_name: str = 'auto', threads: int = 0, distributed: bool = True,

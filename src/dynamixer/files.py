@@ -6,7 +6,10 @@ safetensors). The one non-tensor class the authors' training script pickles, arg
 (its command-line arguments), is allowed explicitly: rebuilding it only sets attributes.
 
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the target: a
-crash while writing leaves the previous version, never a partial file.
+crash while writing leaves the previous version, never a partial file. The file gets the mode a
+plain ``open()`` would give it (0o666 less the user's umask), not mkstemp's private 0o600. A write
+the operating system refuses (read-only folder, disk full, a file where a folder should be) raises
+`OutputError` naming the path.
 
 Safetensors metadata (str -> str, `safetensors_metadata` / `read_safetensors_metadata`)::
 
@@ -24,6 +27,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 import zipfile
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -31,8 +35,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from .errors import DynaMixerError, MissingFileError
+
 __all__ = [
-    'CheckpointError', 'validate_checkpoint_file', 'read_checkpoint', 'authors_pickle_globals',
+    'CheckpointError', 'CheckpointNotFoundError', 'OutputError', 'check_output_file', 'check_output_folder',
+    'current_umask',
+    'validate_checkpoint_file', 'read_checkpoint', 'authors_pickle_globals',
     'pretrained_file', 'check_pretrained_file', 'atomic_write', 'atomic_torch_save', 'atomic_write_text',
     'safetensors_metadata', 'read_safetensors_metadata', 'save_safetensors',
 ]
@@ -40,8 +48,17 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated, corrupt or not a checkpoint."""
+class CheckpointError(DynaMixerError, ValueError):
+    """A checkpoint file that is missing, truncated, corrupt, unsafe or not a checkpoint of a model
+    that fits."""
+
+
+class CheckpointNotFoundError(CheckpointError, MissingFileError):
+    """The checkpoint file does not exist (also a FileNotFoundError, as it was before)."""
+
+
+class OutputError(DynaMixerError, OSError):
+    """A file or folder the user asked for cannot be written there."""
 
 
 @contextlib.contextmanager
@@ -71,10 +88,11 @@ def _check_safetensors(path: str, size: int) -> None:
 
 
 def validate_checkpoint_file(path: PathLike) -> None:
-    """Cheap checks that `path` is a whole checkpoint file; raises CheckpointError or FileNotFoundError."""
+    """Cheap checks that `path` is a whole checkpoint file; raises CheckpointError
+    (CheckpointNotFoundError, also a FileNotFoundError, for a missing file)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+        raise CheckpointNotFoundError(f'checkpoint file not found: {path}')
     if os.path.isdir(path):
         raise CheckpointError(f'{path} is a directory, not a checkpoint file')
     size = os.path.getsize(path)
@@ -140,24 +158,93 @@ def check_pretrained_file(pretrained_cfg: Any, overlay: Optional[Mapping[str, An
 
 
 # --------------------------------------------------------------------------------------------
-# atomic writes
+# output paths and atomic writes
 # --------------------------------------------------------------------------------------------
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux: /proc).
+
+    Elsewhere it is read by setting and restoring it under a lock; for that instant the mask is
+    0o077, so a file another thread creates meanwhile is private rather than too open."""
+    try:
+        with open('/proc/self/status', encoding='ascii', errors='replace') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def check_output_file(path: PathLike, what: str = 'output file', example: str = 'model') -> str:
+    """Refuse an output file name that cannot be written: an existing folder, a path under an
+    existing file, a folder the user may not write in. Returns the absolute path; missing parent
+    folders are fine (writes create them). Raises OutputError."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise OutputError(f'{what} {path} is an existing folder; give a file name, e.g. {os.path.join(path, example)}')
+    _check_writable(os.path.dirname(path), what, path)
+    return path
+
+
+def check_output_folder(path: PathLike, what: str = 'output folder') -> str:
+    """Refuse an output folder that cannot be made or written: an existing file, a path under a
+    file, a folder the user may not write in. Returns the absolute path. Raises OutputError."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f'{what} {path} is a file; give a folder')
+    _check_writable(path, what, path)
+    return path
+
+
+def _check_writable(folder: str, what: str, target: str) -> None:
+    """`folder`, or its nearest existing ancestor when it is still to be made, is a folder the
+    user may write in; the messages name `target`, what was asked for."""
+    existing = folder
+    while not os.path.exists(existing):  # the root exists, at worst
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f'cannot write {what} {target}: {existing} is a file, not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):  # read-only folder or file system (root passes)
+        raise OutputError(f'cannot write {what} {target}: permission denied in {existing}')
+
+
+def _refused(path: str, e: OSError) -> OutputError:
+    reason = e.strerror or str(e)
+    return OutputError(f'cannot write {path}: {reason}' + (f' ({e.filename})' if e.filename and
+                                                           os.fspath(e.filename) != path else ''))
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Call write(f) on a temporary file in the same folder, fsync, then os.replace over `path`."""
+    """Call write(f) on a temporary file in the same folder, fsync, then os.replace over `path`.
+
+    The file gets mode 0o666 & ~umask; a write the OS refuses raises OutputError."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    except OSError as e:
+        raise _refused(path, e) from None
     try:
         with os.fdopen(fd, 'wb') as f:
+            # mkstemp makes the file 0o600; give it what open() would, so the umask decides
+            os.chmod(tmp, 0o666 & ~current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, DynaMixerError):
+            raise _refused(path, e) from None
         raise
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -28,11 +27,12 @@ from timm.models._hub import generate_readme
 from .checkpoint import load_model, read_checkpoint
 from .engine import count_macs
 from .errors import DynaMixerError, require
+from .files import check_output_folder
 from .model import MODEL_ARGS
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ['model_card', 'hub_model_config', 'save_hub_folder', 'push_to_hub', 'count_macs']
+__all__ = ['model_card', 'hub_model_config', 'save_hub_folder', 'push_to_hub', 'count_macs', 'HubError']
 
 CITATION = """@inproceedings{wang2022dynamixer,
   title={DynaMixer: A Vision MLP Architecture with Dynamic Mixing},
@@ -223,19 +223,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--token', default=None, help='Hub token (default: the logged-in one)')
 
 
+class HubError(DynaMixerError, OSError):
+    """The Hub refused the upload or could not be reached (credentials, network, repository name)."""
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        require('huggingface_hub', 'hub', 'dynamixer push-to-hub')
-    except DynaMixerError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    require('huggingface_hub', 'hub', 'dynamixer push-to-hub')
     if args.local_dir:
+        check_output_folder(args.local_dir, 'Hub folder (--local-dir)')
         out = save_hub_folder(args.checkpoint, args.local_dir, args.repo_id)
         files = ', '.join(sorted(p.name for p in out.iterdir()))
         print(f'wrote {out}: {files}')
         print(f"load it with timm.create_model('local-dir:{out}', pretrained=True) after `import dynamixer`, "
               f'or upload the folder to {args.repo_id}')
         return 0
-    result = push_to_hub(args.checkpoint, args.repo_id, private=args.private, token=args.token)
+    try:
+        result = push_to_hub(args.checkpoint, args.repo_id, private=args.private, token=args.token)
+    except DynaMixerError:
+        raise
+    except OSError as e:  # huggingface_hub's HTTP and token errors are OSErrors
+        raise HubError(f'could not push to https://huggingface.co/{args.repo_id}: {e}. Log in with '
+                       '`hf auth login` (or pass --token), check the network, or write the folder with '
+                       '--local-dir and upload it later.') from None
     print(f'pushed {args.checkpoint} to https://huggingface.co/{args.repo_id} ({result})')
     return 0

@@ -3,8 +3,11 @@
 ``load_inference_model`` (checkpoint -> model and class names), ``preprocess`` (image files ->
 batch tensor with the model's eval transform), ``topk`` / ``format_predictions`` (probabilities
 -> ranked class names -> text), the preprocessing config an export writes next to its file, and
-``OnnxClassifier`` / ``predict_onnx`` (an exported ONNX file through the same preprocessing and
-ranking). `dynamixer predict` and `dynamixer export` are thin commands over these.
+the ONNX Runtime side: ``ort_session`` (every session of the package is made here),
+``OnnxClassifier`` (an exported ONNX file, float32 or int8, as a parameter-free ``nn.Module`` that
+returns logits, so one evaluation and prediction path serves checkpoints and ONNX files) and
+``predict_onnx``. `dynamixer predict`, `validate`, `export` and `benchmark` are thin commands
+over these.
 """
 from __future__ import annotations
 
@@ -16,17 +19,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from timm.data import resolve_data_config
+from torch import nn
 
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data import DataError, class_names_for, load_image, preprocessing_transform
-from .errors import require
+from .errors import DynaMixerError, MissingFileError, require
 from .files import read_safetensors_metadata
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
-           'preprocessing_config', 'preprocessing_path', 'load_preprocessing', 'OnnxClassifier', 'predict_onnx',
-           'PREPROCESSING_SUFFIX', 'INPUT_NAME', 'OUTPUT_NAME']
+           'preprocessing_config', 'preprocessing_path', 'load_preprocessing', 'is_onnx_file', 'ort_session',
+           'OnnxClassifier', 'predict_onnx', 'PREPROCESSING_SUFFIX', 'INPUT_NAME', 'OUTPUT_NAME']
 
 PREPROCESSING_SUFFIX = '.preprocessing.json'
 INPUT_NAME, OUTPUT_NAME = 'input', 'logits'
@@ -47,12 +51,7 @@ def load_inference_model(path: str, model_name: Optional[str] = None) -> Tuple[t
             if model_name == meta['model']:
                 kwargs = {k: v for k, v in meta['model_kwargs'].items() if k not in ('drop_path_rate',)}
             class_names = meta['class_names']
-    try:
-        model, info = load_model(path, model_name, **kwargs)
-    except CheckpointError:
-        raise
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f'{path}: cannot load it as {model_name or "a DynaMixer model"}: {e}') from None
+    model, info = load_model(path, model_name, **kwargs)
     if info.get('class_names') is None and class_names is not None:
         info['class_names'] = class_names
     names = info.get('class_names')
@@ -135,36 +134,82 @@ def load_preprocessing(model_path: PathLike) -> Dict[str, Any]:
     """Read the preprocessing JSON written next to an exported model file."""
     path = preprocessing_path(model_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f'{path} not found: it is written by `dynamixer export` next to {Path(model_path).name}; '
             f'keep the two files together.')
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f'{path}: cannot read the preprocessing written by `dynamixer export` ({e}); '
+                        'export the model again') from None
+    if not isinstance(config, dict) or 'input_size' not in config or 'num_classes' not in config:
+        raise DataError(f'{path} is not the preprocessing JSON `dynamixer export` writes; export the model again')
+    return config
 
 
 # ---- exported ONNX files (ONNX Runtime, no PyTorch model needed) --------------------------------
 
-class OnnxClassifier:
-    """An exported ONNX file with its preprocessing JSON, run by ONNX Runtime.
+def is_onnx_file(path: PathLike) -> bool:
+    """Does `path` name an ONNX file (by its extension)?"""
+    return str(path).lower().endswith('.onnx')
 
-    `transform` maps a PIL image to a (C, H, W) tensor, `logits` a (B, C, H, W) batch to
-    (B, num_classes) logits; `class_names` lists the names of the classes.
+
+def ort_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None) -> Any:
+    """An ONNX Runtime InferenceSession for `path`: `threads` intra-op threads (None: ONNX
+    Runtime's default, one per physical core) and one inter-op thread (the graph is a chain).
+    Raises MissingDependencyError naming the `onnx` extra when onnxruntime is not installed."""
+    ort = require('onnxruntime', 'onnx', 'running an ONNX file')
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(os.fspath(path), options, providers=list(providers or ['CPUExecutionProvider']))
+
+
+class OnnxClassifier(nn.Module):
+    """An exported ONNX file (float32 or int8) with its preprocessing JSON, run by ONNX Runtime
+    on the CPU, as a module without parameters.
+
+    ``clf(batch)``: (B, C, H, W) float tensor (on any device) -> (B, num_classes) float32 logits
+    on the CPU. ``transform``: PIL image -> (C, H, W) tensor; ``class_names``; ``config``: the
+    preprocessing JSON (``config.get('quantization')`` says how an int8 file was made);
+    ``img_size``, ``in_chans`` and ``num_classes`` as on the PyTorch model.
     """
 
-    def __init__(self, onnx_path: PathLike):
-        ort = require('onnxruntime', 'onnx', 'running an exported ONNX file')
+    def __init__(self, onnx_path: PathLike, threads: Optional[int] = None):
+        super().__init__()
+        require('onnxruntime', 'onnx', 'running an ONNX file')  # before the file: what to install comes first
         if not Path(onnx_path).is_file():
-            raise FileNotFoundError(f'ONNX file not found: {onnx_path}')
-        self.config = load_preprocessing(onnx_path)
+            raise MissingFileError(f'ONNX file not found: {onnx_path}')
+        self.path = Path(onnx_path)
+        self.config: Dict[str, Any] = load_preprocessing(onnx_path)
         self.transform = preprocessing_transform(self.config)
-        self.class_names = class_names_for(self.config['num_classes'], self.config.get('class_names'))
-        self.session = ort.InferenceSession(os.fspath(onnx_path), providers=['CPUExecutionProvider'])
+        self.num_classes = int(self.config['num_classes'])
+        self.class_names: List[str] = class_names_for(self.num_classes, self.config.get('class_names'))
+        self.in_chans = int(self.config['input_size'][0])
+        self.img_size = tuple(int(v) for v in self.config['input_size'][1:])
+        try:
+            self.session = ort_session(onnx_path, threads)
+        except DynaMixerError:
+            raise
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise CheckpointError(f'{onnx_path}: ONNX Runtime cannot load it, it is not a whole ONNX file '
+                                  f'({type(e).__name__}: {str(e)[:300]}); export it again') from None
         self._input = self.config.get('input_name', INPUT_NAME)
         self._output = self.config.get('output_name', OUTPUT_NAME)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
+            raise DynaMixerError(
+                f'{self.path.name} takes (batch, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}) '
+                f'inputs, got {tuple(x.shape)}: resize images with its eval transform (clf.transform)')
+        feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run([self._output], {self._input: feed})[0])
+
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.session.run([self._output], {self._input: batch.numpy().astype(np.float32)})[0]
-        return torch.from_numpy(out)
+        """The same as calling the module (the name before it was one)."""
+        return self(batch)
 
 
 def predict_onnx(
@@ -183,7 +228,7 @@ def predict_onnx(
         batch, _, failed = preprocess(paths[start:start + batch_size], clf.transform)
         if failed:
             raise DataError('; '.join(e for _, e in failed))
-        results += _rank(clf.logits(batch).softmax(dim=-1), clf.class_names, k)
+        results += _rank(clf(batch).softmax(dim=-1), clf.class_names, k)
     return results
 
 

@@ -1,8 +1,9 @@
 """`dynamixer predict`: classify image files with a checkpoint, print the top-k classes.
 
 The pieces live in `dynamixer.inference` (re-exported here, their old home):
-``load_inference_model``, ``preprocess``, ``topk``, ``format_predictions``; ``--onnx FILE`` runs an
-exported ONNX file instead (``OnnxClassifier``) through the same preprocessing and ranking.
+``load_inference_model``, ``preprocess``, ``topk``, ``format_predictions``. ``--onnx FILE`` (or an
+``.onnx`` file given as the checkpoint) runs an exported ONNX file, float32 or int8, instead
+(``OnnxClassifier``) through the same preprocessing and ranking.
 """
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from typing import Any, List, Tuple
 
 import torch
 
-from .checkpoint import CheckpointError
+from .argtypes import positive_int
 from .data import class_names_for, eval_transform
-from .errors import DynaMixerError
-from .inference import OnnxClassifier, format_predictions, load_inference_model, preprocess, topk
+from .inference import OnnxClassifier, format_predictions, is_onnx_file, load_inference_model, preprocess, topk
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
            'add_arguments', 'run']
@@ -25,28 +25,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('-c', '--checkpoint',
-                        help="a checkpoint: this project's (.pth), the authors', or .safetensors")
+                        help="a checkpoint: this project's (.pth), the authors', or .safetensors; or an "
+                             '.onnx file from `dynamixer export` (float32 or int8)')
     source.add_argument('--onnx', metavar='FILE',
-                        help='an ONNX file from `dynamixer export` (with its .preprocessing.json), run '
-                             'by ONNX Runtime instead of PyTorch')
+                        help='an ONNX file from `dynamixer export`, float32 or int8 (with its '
+                             '.preprocessing.json), run by ONNX Runtime instead of PyTorch')
     parser.add_argument('--model', default=None, help='model name, when the checkpoint does not record it')
-    parser.add_argument('-k', '--top-k', type=int, default=5, help='how many classes to show per image')
-    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('-k', '--top-k', type=positive_int, default=5, help='how many classes to show per image')
+    parser.add_argument('--batch-size', type=positive_int, default=32, help='images per forward pass')
     parser.add_argument('--json', action='store_true', help='print JSON instead of text')
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if getattr(args, 'onnx', None):  # preprocessing and class names from the export's JSON
-            clf = OnnxClassifier(args.onnx)
-            model, transform, names = clf.logits, clf.transform, clf.class_names
-        else:
-            model, info = load_inference_model(args.checkpoint, args.model)
-            transform = eval_transform(model)
-            names = info['class_names']
-    except (DynaMixerError, CheckpointError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    """Exit code 0, or 1 when some images could not be read (the others are still classified)."""
+    onnx_path = getattr(args, 'onnx', None) or (args.checkpoint if is_onnx_file(args.checkpoint) else None)
+    if onnx_path:  # preprocessing and class names from the export's JSON
+        clf = OnnxClassifier(onnx_path)
+        model, transform, names = clf, clf.transform, clf.class_names
+    else:
+        model, info = load_inference_model(args.checkpoint, args.model)
+        transform = eval_transform(model)
+        names = info['class_names']
     all_paths: List[str] = []
     all_ranked: List[Any] = []
     failed_all: List[Tuple[str, str]] = []

@@ -2,7 +2,9 @@
 
 Every setting has a default in OPTIONS; a recipe overrides some of them; a YAML file (``--config``)
 overrides the recipe; command-line flags override everything. ``resolve_config`` does the merge and
-checks names and types, so a typo in a YAML file is an error, not a silently ignored key.
+checks names, types and ranges, so a typo in a YAML file is an error, not a silently ignored key, and
+``workers: -1`` in a YAML file is refused with the same message as ``--workers -1`` (each numeric
+setting's range is one `argtypes.Bounded` in RANGES, used by both).
 
 ``batch_size`` is the GLOBAL batch (all processes, all accumulation steps together), so the same
 command gives the same optimisation on 1 process or 64.
@@ -18,12 +20,16 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
-__all__ = ['OPTIONS', 'RECIPES', 'DEFAULTS', 'ConfigError', 'get_recipe', 'resolve_config',
-           'add_config_arguments', 'config_overrides', 'load_yaml']
+from .argtypes import (Bounded, OrWord, non_negative_float, non_negative_int, positive_float, positive_int,
+                       probability, unit_interval)
+from .errors import DynaMixerError
+
+__all__ = ['OPTIONS', 'RANGES', 'RECIPES', 'DEFAULTS', 'ConfigError', 'get_recipe', 'resolve_config',
+           'check_config', 'add_config_arguments', 'config_overrides', 'load_yaml']
 
 
-class ConfigError(ValueError):
-    """An unknown recipe, setting name, or a value of the wrong type."""
+class ConfigError(DynaMixerError, ValueError):
+    """An unknown recipe, setting name, or a value of the wrong type or out of range."""
 
 
 # name -> (default, type, help). type: float, int, str, bool, 'floats' (list of floats), 'str?' (str or None),
@@ -49,6 +55,8 @@ OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
     'val_split': ('validation', str, 'validation split (val/, valid/, validation/ are searched)'),
     'dataset_download': (False, bool, 'let torchvision/HF datasets download the data set'),
     'bad_images': ('skip', str, "unreadable images: 'skip' (count and warn), 'error' (stop), 'off' (no scan)"),
+    'allow_single_class': (False, bool, 'train on data with a single class (refused by default: the loss '
+                                        'is then 0 and the accuracy 100%% whatever the model learns)'),
     'workers': (2, int, 'data loading processes per training process'),
     # schedule and optimiser
     'epochs': (10, int, 'epochs of the main schedule (cool-down epochs come on top)'),
@@ -98,6 +106,49 @@ OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
 }
 
 DEFAULTS: Dict[str, Any] = {k: v[0] for k, v in OPTIONS.items()}
+
+# The range of every numeric setting (for 'floats' settings: of each number). The command-line
+# flags parse with these, and `check_config` checks every config with them (recipes, YAML files,
+# a resumed run's settings), so a value out of range never reaches the trainer.
+RANGES: Dict[str, Bounded] = {
+    'img_size': positive_int,
+    'body_lr_scale': non_negative_float,
+    'drop_path': unit_interval,
+    'num_train': positive_int,
+    'num_val': positive_int,
+    'canvas': positive_int,
+    'align': positive_int,
+    'data_seed': non_negative_int,
+    'workers': non_negative_int,
+    'epochs': positive_int,
+    'batch_size': positive_int,
+    'grad_accum': positive_int,
+    'val_batch_size': non_negative_int,
+    'lr': positive_float,
+    'weight_decay': non_negative_float,
+    'momentum': probability,
+    'opt_eps': positive_float,
+    'opt_betas': unit_interval,
+    'clip_grad': positive_float,
+    'warmup_epochs': non_negative_int,
+    'warmup_lr': non_negative_float,
+    'min_lr': non_negative_float,
+    'cooldown_epochs': non_negative_int,
+    'hflip': probability,
+    'scale': Bounded(float, 0, 1, exclusive=True),
+    'ratio': positive_float,
+    'color_jitter': non_negative_float,
+    'reprob': probability,
+    'recount': positive_int,
+    'mixup': non_negative_float,
+    'cutmix': non_negative_float,
+    'mixup_prob': probability,
+    'mixup_switch_prob': probability,
+    'smoothing': unit_interval,
+    'ema_decay': probability,
+    'threads': non_negative_int,
+    'seed': non_negative_int,
+}
 
 # The paper's ImageNet-1K recipe (spec section 5), one per size: identical except batch and drop-path.
 _IMAGENET = dict(
@@ -189,6 +240,17 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     raise AssertionError(kind)
 
 
+def _check_range(key: str, value: Any, source: str) -> None:
+    """ConfigError when a numeric setting (each number of a list) is outside RANGES[key]."""
+    bounded = RANGES.get(key)
+    if bounded is None or value is None:
+        return
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        problem = bounded.check(v)
+        if problem:
+            raise ConfigError(f"{source}: '{key}' (--{key.replace('_', '-')}) {problem}")
+
+
 def load_yaml(path: str) -> Dict[str, Any]:
     """Settings from a YAML file (a mapping of setting name -> value)."""
     if not os.path.isfile(path):
@@ -232,6 +294,7 @@ def resolve_config(
                 hint = f" Did you mean '{close[0]}'?" if close else ''
                 raise ConfigError(f"{source}: unknown setting '{key}'.{hint}")
             config[key] = _coerce(key, value, source)
+            _check_range(key, config[key], source)
     config['recipe'] = recipe
     check_config(config)
     return config
@@ -242,17 +305,21 @@ def check_config(config: Mapping[str, Any]) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
-    need(config['epochs'] >= 1, f"epochs must be >= 1, got {config['epochs']}")
-    need(config['batch_size'] >= 1, f"batch_size must be >= 1, got {config['batch_size']}")
-    need(config['grad_accum'] >= 1, f"grad_accum must be >= 1, got {config['grad_accum']}")
-    need(config['lr'] > 0, f"lr must be > 0, got {config['lr']}")
+    for key in RANGES:
+        _check_range(key, config.get(key), 'settings')
     need(config['bad_images'] in ('skip', 'error', 'off'),
          f"bad_images must be 'skip', 'error' or 'off', got {config['bad_images']!r}")
     need(config['amp'] in ('auto', 'bf16', 'fp16', 'none'),
          f"amp must be 'auto', 'bf16', 'fp16' or 'none', got {config['amp']!r}")
-    need(config['clip_mode'] in ('norm', 'value', 'agc'), f"clip_mode must be norm, value or agc")
+    need(config['clip_mode'] in ('norm', 'value', 'agc'),
+         f"clip_mode must be 'norm', 'value' or 'agc', got {config['clip_mode']!r}")
+    need(config['remode'] in ('pixel', 'rand', 'const'),
+         f"remode (random erasing) must be 'pixel', 'rand' or 'const', got {config['remode']!r}")
     need(len(config['scale']) == 2 and len(config['ratio']) == 2, 'scale and ratio take two numbers each')
-    need(0 <= config['drop_path'] < 1, f"drop_path must be in [0, 1), got {config['drop_path']}")
+    for key in ('scale', 'ratio'):
+        need(config[key][0] <= config[key][1], f'{key} is a range (low high); got {config[key]}')
+    need(config['opt_betas'] is None or len(config['opt_betas']) == 2,
+         f"opt_betas takes two numbers; got {config['opt_betas']}")
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -267,9 +334,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if base is bool:
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif base == 'floats':
-            group.add_argument(flag, dest=key, type=float, nargs='+', default=None, metavar='X', help=text)
+            group.add_argument(flag, dest=key, type=RANGES.get(key, float), nargs='+', default=None, metavar='X',
+                               help=text)
         else:
-            conv = {'int': int, int: int, 'float': float, float: float}.get(base, str)
+            # numbers parse with their range (a number setting without one stays a bare type, which
+            # tests/test_user_errors.py refuses); 'none' switches off an optional one
+            conv = RANGES.get(key) or {'int': int, int: int, 'float': float, float: float}.get(base, str)
+            if isinstance(kind, str) and kind.endswith('?') and conv is not str and key in RANGES:
+                conv = OrWord(conv, 'none')
             group.add_argument(flag, dest=key, type=conv, default=None, help=text)
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .errors import require
 
 from . import files
-from .files import atomic_torch_save, atomic_write, atomic_write_text, safetensors_metadata
+from .files import OutputError, atomic_torch_save, atomic_write, atomic_write_text, safetensors_metadata
 
 __all__ = ['RunLog', 'atomic_torch_save', 'atomic_write_text', 'save_safetensors', 'plot_history']
 
@@ -58,7 +58,10 @@ class RunLog:
         self.writer = None
         if not enabled:
             return
-        os.makedirs(output, exist_ok=True)
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f'cannot make the run folder {output}: {e.strerror or e}') from None
         atomic_write_text(yaml.safe_dump(config, sort_keys=False), os.path.join(output, 'config.yaml'))
         if tensorboard:
             require('tensorboard', 'tensorboard', '--tensorboard')
@@ -127,7 +130,7 @@ class RunLog:
 
 def plot_history(history: List[Dict[str, Any]], path: str) -> None:
     """Loss (train, val) and accuracy (top-1, top-5, EMA top-1) per epoch, as a PNG."""
-    import matplotlib
+    matplotlib = require('matplotlib', None, 'the training curves plot')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     epochs = [h['epoch'] for h in history]

@@ -8,15 +8,19 @@ shows, per image, the input with the chosen column and row marked, then the S he
 matrices of that column and the S width-branch matrices of that row.
 """
 import argparse
+import io
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .argtypes import OrWord, non_negative_int, positive_int
 from .checkpoint import load_model
-from .data import DataError, class_names_for, left_digit_datasets, load_image
+from .data import class_names_for, left_digit_datasets, load_image
 from .data.digits import make_left_digit_task
+from .errors import UsageError, require
+from .files import atomic_write, check_output_file
 from .model import DynaMixerBlock, DynaMixerOp
 
 __all__ = ['capture_mixing', 'load_images', 'plot_mixing']
@@ -25,16 +29,16 @@ __all__ = ['capture_mixing', 'load_images', 'plot_mixing']
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', help='a training checkpoint (e.g. a run of dynamixer ablate: OUT/runs/VARIANT__seedK/last.pth)')
     parser.add_argument('images', nargs='*', help='image files (resized to the model\'s input size)')
-    parser.add_argument('--digits', type=int, default=0, metavar='N',
+    parser.add_argument('--digits', type=non_negative_int, default=0, metavar='N',
                         help='also draw N val canvases of the built-in left-digit task')
     parser.add_argument('--out', default='mixing.png', help='PNG to write (default: %(default)s)')
     parser.add_argument('--layer', default='stages.0.blocks.0',
                         help='mixer layer (or its token_mixer) to draw (default: %(default)s)')
-    parser.add_argument('--row', default='auto', help="token row for the width branch: an index or "
-                        "'auto' (the row with the most ink)")
-    parser.add_argument('--col', default='auto', help="token column for the height branch: an index "
-                        "or 'auto' (the column with the most ink)")
-    parser.add_argument('--max-segments', type=int, default=4, help='segments drawn per branch')
+    parser.add_argument('--row', default='auto', type=OrWord(non_negative_int, 'auto'),
+                        help="token row for the width branch: an index or 'auto' (the row with the most ink)")
+    parser.add_argument('--col', default='auto', type=OrWord(non_negative_int, 'auto'),
+                        help="token column for the height branch: an index or 'auto' (the column with the most ink)")
+    parser.add_argument('--max-segments', type=positive_int, default=4, help='segments drawn per branch')
 
 
 def _block(model: torch.nn.Module, layer: str) -> DynaMixerBlock:
@@ -42,11 +46,11 @@ def _block(model: torch.nn.Module, layer: str) -> DynaMixerBlock:
         m = model.get_submodule(layer)
     except AttributeError:
         names = [n for n, x in model.named_modules() if isinstance(x, DynaMixerBlock)]
-        raise SystemExit(f'--layer {layer!r} is not in the model; mixer blocks: '
+        raise UsageError(f'--layer {layer!r} is not in the model; mixer blocks: '
                          f'{", ".join(n.rsplit(".token_mixer", 1)[0] for n in names)}')
     m = getattr(m, 'token_mixer', m)
     if not isinstance(m, DynaMixerBlock):
-        raise SystemExit(f'--layer {layer!r} is a {type(m).__name__}, not a mixer layer')
+        raise UsageError(f'--layer {layer!r} is a {type(m).__name__}, not a mixer layer')
     return m
 
 
@@ -86,10 +90,7 @@ def load_images(paths: Sequence[str], in_chans: int, img_size: Tuple[int, int]) 
     """Image files -> (B, in_chans, H, W) floats in [0, 1] (not normalised)."""
     out = []
     for p in paths:
-        try:
-            img = load_image(p)
-        except DataError as e:
-            raise SystemExit(str(e))
+        img = load_image(p)  # DataError for a file that is not a readable image
         img = img.convert('L' if in_chans == 1 else 'RGB').resize((img_size[1], img_size[0]), Image.BILINEAR)
         a = np.asarray(img, dtype=np.float32) / 255.0
         out.append(torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
@@ -117,7 +118,7 @@ def plot_mixing(
 ) -> str:
     """Draw, per image (a figure row): the image with the chosen token column (red) and row
     (cyan), the height-branch matrices of that column and the width-branch ones of that row."""
-    import matplotlib
+    matplotlib = require('matplotlib', None, 'the mixing figure')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
@@ -157,8 +158,10 @@ def plot_mixing(
     fig.colorbar(im, cax=cax).set_label('mixing weight P[i, j] (each column sums to 1)', fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.savefig(out, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=110)
     plt.close(fig)
+    atomic_write(out, lambda f: f.write(buf.getvalue()))
     return out
 
 
@@ -183,6 +186,7 @@ def _normalisation(config: Dict[str, Any], model: torch.nn.Module) -> Tuple[List
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.out, 'figure', 'mixing.png')
     model, info = load_model(args.checkpoint)
     config = info['config']
     in_chans, img_size = model.in_chans, model.img_size
@@ -190,12 +194,12 @@ def run(args: argparse.Namespace) -> int:
     titles = [p.rsplit('/', 1)[-1] for p in args.images]
     if args.digits:
         if in_chans != 1 or tuple(img_size) != (int(config.get('canvas', 24)),) * 2:
-            raise SystemExit('--digits needs a model trained on the digits task (1 channel, canvas size)')
+            raise UsageError('--digits needs a model trained on the left-digit task (1 channel, canvas size)')
         extra, labels = _digits_images(config, args.digits)
         images = torch.cat([images, extra])
         titles += [f'val canvas {k}, label {y}' for k, y in enumerate(labels)]
     if len(images) == 0:
-        raise SystemExit('no images: give image files and/or --digits N')
+        raise UsageError('no images: give image files and/or --digits N')
     mean, std = _normalisation(config, model)
     x = (images - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     ph, pw = capture_mixing(model, x, args.layer)
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     rows = _auto_index(images, n_h, 0) if args.row == 'auto' else [int(args.row)] * len(images)
     for c, r in zip(cols, rows):
         if not (0 <= c < n_w and 0 <= r < n_h):
-            raise SystemExit(f'--col/--row out of range: layer {args.layer} has {n_h} token rows and {n_w} columns')
+            raise UsageError(f'--col/--row out of range: layer {args.layer} has {n_h} token rows and {n_w} columns')
     mixing = getattr(_block(model, args.layer).mix_h, 'mixing', 'dynamic')
     what = config.get('variant', info['model'])
     sup = (f'{what}: mixing matrices of {args.layer} ({mixing} mixing'

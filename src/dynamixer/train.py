@@ -7,6 +7,12 @@ optimisation does not depend on how many processes share it.
 Reproducibility: every epoch's randomness (shuffling, augmentation, mixup, drop-path) is seeded
 from (seed, epoch, rank), so a run resumed from an epoch's checkpoint continues exactly as if it
 had never stopped, on any number of processes. Checkpoints also record the RNG states.
+
+Run folders cannot be lost: a run's folder (and its data folder) is made absolute when the run is
+created; a resumed run writes next to the checkpoint it resumes (wherever the command is run
+from) unless --output says otherwise; a folder that holds another run (`RUN_FILES`) is refused
+unless --overwrite is given or the run resumes that folder's own checkpoint; and a resumed run
+handed other data is refused (--pretrained starts a new run from the same weights).
 """
 from __future__ import annotations
 
@@ -14,7 +20,6 @@ import argparse
 import copy
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -36,6 +41,7 @@ from .data import DataError, build_datasets, build_transforms
 from .engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
                      setup_process, train_one_epoch, worker_init)
 from .errors import DynaMixerError
+from .files import check_output_folder
 from .layout import unwrap_state_dict
 from .model import checkpoint_filter_fn
 from .recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
@@ -43,11 +49,21 @@ from .runlog import RunLog, atomic_torch_save, save_safetensors
 
 _logger = logging.getLogger('dynamixer.train')
 
-__all__ = ['train', 'TrainingError', 'run_folder', 'evaluate', 'add_arguments', 'run']
+__all__ = ['train', 'TrainingError', 'RunFolderError', 'RUN_FILES', 'holds_run', 'run_folder', 'evaluate',
+           'add_arguments', 'run']
+
+# the files that make a folder a run's: a folder holding any of them is not written into unasked
+RUN_FILES = ('last.pth', 'model.safetensors', 'metrics.json', 'metrics.csv')
+# what --overwrite removes before the new run starts (so nothing of the old run is left to mix in)
+_REPLACED_FILES = RUN_FILES + ('config.yaml', 'curves.png', 'bad_images.txt')
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DynaMixerError, RuntimeError):
     """Training cannot go on (a non-finite loss, a resume checkpoint that does not fit)."""
+
+
+class RunFolderError(DynaMixerError, ValueError):
+    """The run folder holds another run, and nothing said to replace it."""
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -62,27 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--resume', metavar='CHECKPOINT', default=None,
                         help="continue from a checkpoint (its settings, then overrides); 'auto': the run "
                              'folder\'s last.pth if there is one')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='let --output replace the run already in that folder (its last.pth, model.safetensors, '
+                             'metrics, curves); without it such a folder is refused')
     parser.add_argument('--print-config', action='store_true', help='print the resolved settings as YAML and exit')
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are raised (`DynaMixerError`s) for `cli.main` to report."""
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    config, resume = _config_from_args(args)
+    if args.print_config:
+        print(yaml.safe_dump(config, sort_keys=False), end='')
+        return 0
+    config['output'] = run_folder(config, resume)
     try:
-        config, resume = _config_from_args(args)
-        if args.print_config:
-            print(yaml.safe_dump(config, sort_keys=False), end='')
-            return 0
-        config['output'] = run_folder(config, resume)
-        result = train(config, data=config.get('data'), resume=resume)
-    except (DynaMixerError, ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        result = train(config, data=config.get('data'), resume=resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         last = os.path.join(config['output'], 'last.pth')
         hint = f'continue with: dynamixer train --resume {last}' if os.path.exists(last) else 'no epoch was completed'
-        print(f'\ninterrupted; {hint}', file=sys.stderr)
-        return 130
+        raise KeyboardInterrupt(hint) from None  # cli.main reports it, exit code 130
     if result['rank'] == 0:
         last = result['history'][-1]
         acc = last.get('ema_top1', last['val_top1']) if config['ema_decay'] else last['val_top1']
@@ -108,14 +124,46 @@ def _config_from_args(args: argparse.Namespace):
         base = read_checkpoint(resume).get('config')
         if not isinstance(base, dict):
             raise CheckpointError(f'{resume}: not a dynamixer training checkpoint (no config); '
-                                  'use --pretrained to start from foreign weights')
+                                  f'to start a new run from its weights use --pretrained {resume}')
         config = resolve_config(base.get('recipe', 'digits'), args.config, overrides, base=base)
-        if args.data:
-            config['data'] = args.data
+        _check_same_data(resume, base, args.data, overrides.get('dataset'))
+        config['data'] = args.data or base.get('data')
+        # next to the checkpoint, wherever the command runs; the run's stored folder may be relative
+        config['output'] = os.path.abspath(overrides['output']) if overrides.get('output') else \
+            os.path.dirname(os.path.abspath(resume))
         return config, resume
     config = resolve_config(recipe, args.config, overrides)
     config['data'] = args.data
     return config, None
+
+
+def _data_source(dataset: str, data: Optional[str]) -> str:
+    """What a run trains on, in words: the built-in set, 'image folder /abs/path' or "'torch/cifar10' (in DIR)"."""
+    if dataset in _BUILT_IN:
+        return f"the built-in '{dataset}' data set"
+    where = os.path.realpath(data) if data else None
+    return f'image folder {where}' if not dataset else f"'{dataset}'" + (f' (in {where})' if where else '')
+
+
+_BUILT_IN = ('digits', 'left-digit')  # data sets that take no data folder
+
+
+def _check_same_data(resume: str, base: Dict[str, Any], data: Optional[str], dataset: Optional[str]) -> None:
+    """A resumed run continues on the data it was trained on; other data (`data`, `dataset` from the
+    command line) is refused, with the command that starts a new run from the same weights."""
+    was_set = base.get('dataset', '')
+    now_set = was_set if dataset is None else dataset
+    if data and dataset is None and now_set in _BUILT_IN:
+        now_set = ''  # DATA on the command line is an image folder, which the built-in sets would ignore
+    was = _data_source(was_set, base.get('data'))
+    now = _data_source(now_set, data or base.get('data'))
+    if was == now:
+        return
+    new = ' '.join(x for x in ('dynamixer train', data or '', f'--dataset {now_set}' if now_set else '') if x)
+    raise ConfigError(
+        f'{resume} was trained on {was}, not on {now}: a resumed run continues on its own data. To '
+        f'train on {now} starting from these weights, start a new run: {new} --pretrained {resume} '
+        '(a new classifier head is made; --output names the new run\'s folder).')
 
 
 # ---- model, optimiser ---------------------------------------------------------------------------
@@ -133,7 +181,7 @@ def _build_model(config: Dict[str, Any], num_classes: int,
     config['model_kwargs'] = dict(kwargs)
     try:
         model = timm.create_model(config['model'], **kwargs)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, TypeError) as e:  # unknown model, size or option (--model-options)
         raise ConfigError(f"cannot build {config['model']} with {kwargs}: {e}") from None
     if config['pretrained']:
         _load_pretrained(model, config['pretrained'], config['new_head'])
@@ -174,22 +222,48 @@ def _param_groups(model: nn.Module, weight_decay: float, body_lr_scale: float) -
 
 
 def run_folder(config: Dict[str, Any], resume: Optional[str] = None) -> str:
-    """Where a run writes: config['output'], else the resumed checkpoint's folder, else a new
-    runs/<recipe>-<model> folder (numbered when that one holds a finished run)."""
+    """Where a run writes, as an absolute path: config['output'], else the resumed checkpoint's
+    folder, else a new runs/<recipe>-<model> folder (numbered when that one holds a run)."""
     if config.get('output'):
-        return config['output']
+        return os.path.abspath(config['output'])
     return os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config)
 
 
 def _default_output(config: Dict[str, Any], create: bool = True) -> str:
-    base = os.path.join('runs', f"{config.get('recipe', 'run')}-{config['model']}")
+    base = os.path.abspath(os.path.join('runs', f"{config.get('recipe', 'run')}-{config['model']}"))
     if not create:
         return base
     path, n = base, 1
-    while os.path.exists(os.path.join(path, 'last.pth')):  # never overwrite a finished run
+    while holds_run(path):  # never overwrite a run
         n += 1
         path = f'{base}-{n}'
     return path
+
+
+def holds_run(folder: str) -> List[str]:
+    """The run files (`RUN_FILES`) in `folder`; empty when it holds no run."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
+
+
+def _claim_run_folder(output: str, resume: Optional[str], overwrite: bool, is_main: bool) -> None:
+    """Refuse a folder that holds another run, unless `overwrite` (its run files are then removed
+    by the main process) or the run resumes a checkpoint in that same folder."""
+    check_output_folder(output, 'run folder')
+    found = holds_run(output)
+    if not found:
+        return
+    if resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(output):
+        return  # continuing the folder's own run
+    if not overwrite:
+        raise RunFolderError(
+            f'{output} holds another run ({", ".join(found)}); it is not replaced without a word. Pass '
+            f'--overwrite to replace it, --resume {os.path.join(output, "last.pth")} to continue it, or '
+            'choose another --output.')
+    if is_main:
+        for name in _REPLACED_FILES:
+            path = os.path.join(output, name)
+            if os.path.isfile(path):
+                os.remove(path)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -200,6 +274,7 @@ def train(
         resume: Optional[str] = None,
         hooks: Optional[Dict[str, Callable]] = None,
         process: Optional[Process] = None,
+        overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Train as `config` says (see recipes.OPTIONS); returns dict(history, output, rank, world,
     seconds, class_names). `config` is not modified.
@@ -208,18 +283,27 @@ def train(
     'epoch_end'(epoch) called after the epoch's checkpoint is written.
     process: where to run (default: from torchrun's environment); `dynamixer ablate` passes its
     rank's device with world 1, so each of its runs is an ordinary one-process training.
+    overwrite: replace a run already in the run folder (refused otherwise, RunFolderError).
     """
     hooks = hooks or {}
     config = copy.deepcopy(dict(config))
-    config['data'] = data
+    # absolute, so that a resume from another working directory finds them
+    config['data'] = os.path.abspath(data) if data else data
+    config['output'] = run_folder(config, resume)
+    data = config['data']
     start_time = time.perf_counter()
     process = process or setup_process(config['device'], config['threads'])
+    _claim_run_folder(config['output'], resume, overwrite, process.is_main)
 
     # setup: data, model, loaders, optimisation
     train_set, val_set, class_names, data_report = build_datasets(config, data)
     torch.manual_seed(config['seed'])  # the same initial weights on every process (DDP also broadcasts rank 0's)
     model = _build_model(config, len(class_names), data_report.get('model_kwargs')).to(process.device)
-    train_set.transform, val_set.transform = build_transforms(config, model)
+    try:
+        train_set.transform, val_set.transform = build_transforms(config, model)
+    except (ValueError, AssertionError, KeyError) as e:  # timm's transform factory on unknown policies
+        raise ConfigError(f"the augmentation settings do not work (auto_augment {config['auto_augment']!r}): "
+                          f'{e or type(e).__name__}') from None
     loaders = _make_loaders(config, train_set, val_set, process)
     opt = _make_optimisation(config, model, loaders.steps_per_epoch, len(class_names), process.device)
 
@@ -229,8 +313,7 @@ def train(
         start_epoch, step, history = _resume(resume, config, class_names, model, opt, loaders.generator)
 
     net = _wrap_model(model, config, process)
-    output = config['output'] or run_folder(config, resume)
-    config['output'] = output
+    output = config['output']
     log = RunLog(output, config, enabled=process.is_main, tensorboard=config['tensorboard'], history=history)
     _announce(log, config, process, loaders, opt, len(train_set), len(val_set), len(class_names), data_report)
 
@@ -300,15 +383,21 @@ class _Optimisation(NamedTuple):
 def _make_optimisation(config: Dict[str, Any], model: nn.Module, steps_per_epoch: int, num_classes: int,
                        device: torch.device) -> _Optimisation:
     """Optimiser, schedule, mixup, loss, precision and EMA, as the config says."""
-    optimizer = create_optimizer_v2(
-        model, config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
-        momentum=config['momentum'],
-        param_group_fn=lambda m: _param_groups(m, config['weight_decay'], config['body_lr_scale']),
-        **{k: v for k, v in (('eps', config['opt_eps']), ('betas', config['opt_betas'])) if v is not None})
-    scheduler, total_epochs = create_scheduler_v2(
-        optimizer, sched=config['sched'], num_epochs=config['epochs'], warmup_epochs=config['warmup_epochs'],
-        warmup_lr=config['warmup_lr'], min_lr=config['min_lr'], cooldown_epochs=config['cooldown_epochs'],
-        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    try:  # timm refuses unknown names with ValueError / AssertionError
+        optimizer = create_optimizer_v2(
+            model, config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
+            momentum=config['momentum'],
+            param_group_fn=lambda m: _param_groups(m, config['weight_decay'], config['body_lr_scale']),
+            **{k: v for k, v in (('eps', config['opt_eps']), ('betas', config['opt_betas'])) if v is not None})
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"--opt {config['opt']}: {e} (timm's optimisers: timm.optim.list_optimizers())") from None
+    try:
+        scheduler, total_epochs = create_scheduler_v2(
+            optimizer, sched=config['sched'], num_epochs=config['epochs'], warmup_epochs=config['warmup_epochs'],
+            warmup_lr=config['warmup_lr'], min_lr=config['min_lr'], cooldown_epochs=config['cooldown_epochs'],
+            step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"--sched {config['sched']}: {e}") from None
     mixup_on = config['mixup'] > 0 or config['cutmix'] > 0
     mixup_fn = Mixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'], prob=config['mixup_prob'],
                      switch_prob=config['mixup_switch_prob'], label_smoothing=config['smoothing'],
@@ -355,6 +444,9 @@ def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> n
         device = process.device
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if config['compile']:
+        if config['compile_backend'] not in torch.compiler.list_backends(exclude_tags=()):
+            raise ConfigError(f"unknown --compile-backend {config['compile_backend']!r}; torch has "
+                              f"{', '.join(torch.compiler.list_backends())} and debug ones such as aot_eager")
         model = torch.compile(model, backend=config['compile_backend'])
     return model
 
@@ -468,4 +560,6 @@ def _check_resume(ckpt: Dict[str, Any], config: Dict[str, Any], class_names: Lis
     names = list(ckpt.get('class_names') or [])
     if names != list(class_names):
         raise CheckpointError(f'{path} was trained on {len(names)} classes ({", ".join(names[:5])}...), the data '
-                              f'has {len(class_names)} ({", ".join(class_names[:5])}...); resume on the same data')
+                              f'has {len(class_names)} ({", ".join(class_names[:5])}...): a resumed run continues '
+                              f'on its own data. To train on these classes starting from its weights, start a '
+                              f'new run with --pretrained {path}.')

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from timm.data import create_dataset
 
+from ..errors import require
+
 from .digits import DigitsDataset, LeftDigitDataset, left_digit_datasets, sample_images
 from .folders import check_image_folder, find_split, image_folder_dataset
 from .images import IMAGE_EXTENSIONS, DataError, load_image, scan_images, to_rgb
@@ -35,7 +37,18 @@ def build_datasets(config: Dict[str, Any], data: Optional[str]) -> Tuple[Any, An
 
     Transforms are attached later (``dataset.transform = ...``). The report holds 'bad_images' and,
     for data sets that need them, 'model_kwargs' (e.g. in_chans=1 for the left-digit canvases).
+    Data of a single class is refused (DataError) unless config['allow_single_class'].
     """
+    train, val, names, report = _build(config, data)
+    if len(names) < 2 and not config.get('allow_single_class'):
+        raise DataError(
+            f'the training data has a single class ({", ".join(map(repr, names)) or "none"}): a classifier '
+            'of one class learns nothing (its loss is 0 and its accuracy 100% whatever it does). Add the '
+            'other classes\' folders, or pass --allow-single-class to train on it deliberately.')
+    return train, val, names, report
+
+
+def _build(config: Dict[str, Any], data: Optional[str]) -> Tuple[Any, Any, List[str], Dict[str, Any]]:
     report: Dict[str, Any] = {'bad_images': []}
     name = config['dataset']
     if name == 'digits':
@@ -67,7 +80,26 @@ def build_datasets(config: Dict[str, Any], data: Optional[str]) -> Tuple[Any, An
         val = image_folder_dataset(val_dir, class_to_idx, config['bad_images'], report)
         return train, val, dataset_class_names(train), report
     # any other timm data set (torch/..., hfds/..., tfds/..., wds/...)
+    prefix = name.split('/')[0] + '/' if '/' in name else ''
+    if prefix not in _TIMM_PREFIXES:
+        raise DataError(f"unknown data set '{name}': use a data folder (no --dataset), 'digits', 'left-digit', "
+                        f"or a timm data set named {', '.join(p + 'NAME' for p in _TIMM_PREFIXES)}")
+    if _TIMM_PREFIXES[prefix]:
+        require(_TIMM_PREFIXES[prefix], None, f"timm's {prefix} data sets")
+    if not data:
+        raise DataError(f"the data set '{name}' needs a folder to read it from (or download it into): "
+                        f'dynamixer train DIR --dataset {name} [--dataset-download]')
     kw = dict(root=data, download=config['dataset_download'], input_img_mode=None)
-    train = create_dataset(name, split=config['train_split'], is_training=True, **kw)
-    val = create_dataset(name, split=config['val_split'], **kw)
+    try:
+        train = create_dataset(name, split=config['train_split'], is_training=True, **kw)
+        val = create_dataset(name, split=config['val_split'], **kw)
+    except (AssertionError, RuntimeError, ValueError, OSError) as e:  # timm / torchvision on bad names, missing files
+        hint = '' if config['dataset_download'] else ' (--dataset-download lets it download the data)'
+        raise DataError(f"cannot load the data set '{name}' from {data or 'the default folder'}: "
+                        f'{e or type(e).__name__}{hint}') from None
     return train, val, dataset_class_names(train), report
+
+
+# timm's data set prefixes -> the package each needs beyond timm
+_TIMM_PREFIXES = {'torch/': None, 'hfds/': 'datasets', 'hfids/': 'datasets', 'tfds/': 'tensorflow_datasets',
+                  'wds/': 'webdataset'}

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import require
+
 __all__ = ['load_sklearn_digits', 'DigitsDataset', 'LeftDigitDataset', 'left_digit_datasets',
            'make_left_digit_task', 'left_digit_split', 'sample_images']
 
@@ -27,8 +29,8 @@ DIGIT_CLASSES = [str(i) for i in range(10)]
 
 def load_sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: images (1797, 8, 8) float64 in 0..16, labels (1797,) int."""
-    from sklearn.datasets import load_digits  # scikit-learn is optional
-    d = load_digits()
+    datasets = require('sklearn.datasets', None, "scikit-learn's bundled digits")
+    d = datasets.load_digits()
     return d.images, d.target
 
 
@@ -39,8 +41,8 @@ def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
 
 def sample_images(num_digits: int = 4) -> List[Image.Image]:
     """Real images that ship with scikit-learn (no download): its two photos and some 8x8 digits."""
-    from sklearn.datasets import load_sample_images
-    images = [Image.fromarray(a).convert('RGB') for a in load_sample_images().images]
+    datasets = require('sklearn.datasets', None, "scikit-learn's sample images")
+    images = [Image.fromarray(a).convert('RGB') for a in datasets.load_sample_images().images]
     digits = load_sklearn_digits()[0][:num_digits]
     images += [Image.fromarray((d * (255 / 16)).astype(np.uint8)).convert('RGB') for d in digits]
     return images
@@ -56,9 +58,9 @@ class DigitsDataset(torch.utils.data.Dataset):
     classes = DIGIT_CLASSES
 
     def __init__(self, split: str = 'train', size: int = 32, transform: Optional[Callable] = None):
-        from sklearn.model_selection import train_test_split
+        selection = require('sklearn.model_selection', None, "the digits' train/val split")
         images, target = load_sklearn_digits()
-        idx_train, idx_val = train_test_split(
+        idx_train, idx_val = selection.train_test_split(
             np.arange(len(target)), test_size=0.2, stratify=target, random_state=0)
         idx = idx_train if split in ('train', 'training') else idx_val
         pixels = np.rint(images[idx] * (255.0 / 16.0)).astype(np.uint8)  # values 0..16

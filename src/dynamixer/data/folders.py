@@ -53,7 +53,21 @@ def check_image_folder(root: str, split: str) -> Tuple[str, List[str]]:
                         f'their own sub-folder, {os.path.join(folder, "<class>", "image.jpg")}')
     if loose:
         _logger.warning('%s: ignoring %d images that are not in a class sub-folder', folder, len(loose))
+    empty = [c for c in classes if not _has_image(os.path.join(folder, c))]
+    if empty:
+        shown = ', '.join(os.path.join(folder, c) for c in empty[:5]) + (' ...' if len(empty) > 5 else '')
+        raise DataError(f'{len(empty)} of {len(classes)} class folders have no images ({", ".join(IMAGE_EXTENSIONS)}): '
+                        f'{shown}. Every class folder needs images; add some, or remove the folder to '
+                        'train without that class.')
     return folder, classes
+
+
+def _has_image(folder: str) -> bool:
+    """Is there an image file anywhere under `folder`? (stops at the first; timm's reader recurses)"""
+    for _, _, names in os.walk(folder):
+        if any(os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS for n in names):
+            return True
+    return False
 
 
 def apply_bad_image_policy(samples: List[Tuple[str, int]], policy: str, where: str,

@@ -11,6 +11,7 @@ switch off (`set_fast_path(False)`,                    plain
 TorchScript, FX tracing, `torch.compile`               plain (callers guard `torch.jit.is_scripting`)
 ``mixing='static'``, a sequence < FAST_PATH_MIN_TOKENS plain token mixing (set at construction)
 device other than CPU / CUDA (meta, ...)               plain
+an empty input (batch of 0)                            plain (the kernels split by batch)
 CPU autocast                                           plain (its casts define the function)
 CUDA autocast                                          triton only, else plain
 a module the fast path bypasses is not the exact       plain
@@ -20,17 +21,23 @@ autograd records the call                              fast-train / triton-train
 otherwise                                              fast-inference / triton-inference / cpp-inference
 =====================================================  ==========================================
 
+'cpp' (the compiled CPU mixing) in place of 'fast' on the CPU unless ``DYNAMIXER_CPU_KERNELS=0`` /
+``set_cpu_kernels(False)``, the build failed (one warning), the dtype is not float32/float64 or a
+sequence is longer than CPP_MAX_TOKENS. A layer's MLP is 'fast-*' (eager), or 'cpp-train' with
+``DYNAMIXER_CPU_KERNELS=all``.
+
 One decision per block covers both of its mixing ops (the ops then run their kernels, or their
 plain math, without deciding again), and one per layer covers its channel MLP. What is known at
 construction (dynamic mixing, sequence lengths) is stored on the module by `static_mixing_ok`;
 what can change afterwards (module swaps, hooks, grad mode, device, autocast, tracing, the
 switch) is checked per call: a handful of attribute reads.
 
-Backends of the fast mixing: 'triton' on CUDA with Triton installed, 'torch' otherwise, and a slot
-for 'cpp', compiled CPU kernels in ``ops/cpu_kernels.py`` (not part of this module: once that
-module is imported here and its ``available()`` is true, its ``DynamicMix`` and ``dynamic_mix_forward``,
-drop-in equivalents of `ops.mixing`'s, enter `KERNELS` as 'cpp' and serve CPU calls, paths
-'cpp-train' / 'cpp-inference'; see `_decide_mixing`).
+Backends of the fast mixing (`KERNELS`): 'triton' on CUDA with Triton installed; on the CPU
+'cpp', the compiled kernels of `ops.cpu_kernels` (built on first use), when the switch
+``DYNAMIXER_CPU_KERNELS`` / `set_cpu_kernels` allows them, they built, the dtype is float32 or
+float64 and no sequence is longer than `CPP_MAX_TOKENS`; 'fast' (`ops.mixing`, eager PyTorch)
+otherwise. Paths 'cpp-train' / 'cpp-inference'. The training MLP's compiled GELU pair
+(`MLP_KERNELS['cpp']`, path 'cpp-train' of an MLP) runs only with ``DYNAMIXER_CPU_KERNELS=all``.
 """
 from __future__ import annotations
 
@@ -44,23 +51,27 @@ from timm.layers import Mlp
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules import module as _module_state
 
+from ..errors import DynaMixerError
+from .cpu_kernels import CppDynamicMix, CppRecomputeGeluMlp, cpp_mix_forward
+from .cpu_kernels import available as cpp_available
 from .mixing import DynamicMix, dynamic_mix_forward
+from .mlp import RecomputeGeluMlp
 from .triton_mixing import triton_available, triton_dynamic_mix, triton_mix_forward
 
-# The compiled CPU backend's slot (issue 12, not on main yet): its module imports here, sets
-# `cpp_available` and adds KERNELS['cpp']. Importing a module that does not exist would be an
-# import of the `ops` package from inside it, so nothing is imported until it lands.
-cpp_available: Optional[Callable[[], bool]] = None
-
 __all__ = [
-    'FAST_PATH_MIN_TOKENS', 'PLAIN', 'set_fast_path', 'fast_path_enabled', 'static_mixing_ok',
-    'mixing_path', 'mlp_path', 'is_training_path', 'mixing_backend', 'KERNELS', 'explain_paths',
+    'FAST_PATH_MIN_TOKENS', 'CPP_MAX_TOKENS', 'PLAIN', 'set_fast_path', 'fast_path_enabled',
+    'set_cpu_kernels', 'cpu_kernels_mode', 'static_mixing_ok', 'mixing_path', 'mlp_path',
+    'is_training_path', 'mixing_backend', 'mlp_kernel', 'KERNELS', 'MLP_KERNELS', 'explain_paths',
 ]
 
 # Shorter sequences take the plain mixing: with N x N matrices of 8 x 8 or smaller the copies the
 # fast path saves are tiny, and its per-matrix bmm calls and last-axis softmax over a handful of
 # elements cost more (dynamixer_nano's blocks measured about 3-6x slower on the CPU).
 FAST_PATH_MIN_TOKENS = 16
+
+# The compiled mixing kernel handles sequences of up to 256 tokens (a 1792-pixel side for
+# dynamixer_s); longer ones take the eager fast path.
+CPP_MAX_TOKENS = 256
 
 PLAIN = 'plain'
 # path name = backend + form; the form says which autograd treatment the fast code takes
@@ -102,6 +113,53 @@ def fast_path_enabled() -> bool:
     return _enabled
 
 
+# the compiled CPU kernels' switch: 'off', 'mixing' (default) or 'all' (mixing and the training
+# MLP's GELU pair)
+_CPU_KERNEL_MODES = {'0': 'off', 'false': 'off', 'no': 'off', 'off': 'off',
+                     '1': 'mixing', 'true': 'mixing', 'yes': 'mixing', 'on': 'mixing', 'mixing': 'mixing',
+                     'all': 'all'}
+
+
+def _cpu_kernels_value(value: Any, where: str) -> str:
+    key = str(value).strip().lower() if not isinstance(value, bool) else ('1' if value else '0')
+    if key not in _CPU_KERNEL_MODES:
+        raise DynaMixerError(
+            f'{where} = {value!r} is not understood: use 0 (eager PyTorch kernels only), 1 (the default: '
+            'compiled CPU mixing kernels) or all (also the training MLP\'s compiled GELU)')
+    return _CPU_KERNEL_MODES[key]
+
+
+_cpu_kernels = _cpu_kernels_value(os.environ.get('DYNAMIXER_CPU_KERNELS', '1'), 'DYNAMIXER_CPU_KERNELS')
+
+
+class set_cpu_kernels:
+    """Allow or forbid the compiled CPU kernels (`ops.cpu_kernels`) on the fast path; also a
+    context manager restoring the old setting. The fast path itself stays on (`set_fast_path`).
+
+    ``set_cpu_kernels(False)`` (or ``DYNAMIXER_CPU_KERNELS=0``): the eager 'fast' kernels only, and
+    nothing is compiled. ``True`` / ``1`` (the default): the compiled mixing. ``'all'``: also the
+    training MLP's GELU pair (`CppRecomputeGeluMlp`).
+    """
+
+    def __init__(self, mode: Any) -> None:
+        global _cpu_kernels
+        new = _cpu_kernels_value(mode, 'set_cpu_kernels(mode)')
+        self.prev = _cpu_kernels
+        _cpu_kernels = new
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        global _cpu_kernels
+        _cpu_kernels = self.prev
+
+
+def cpu_kernels_mode() -> str:
+    """'off', 'mixing' or 'all' (`set_cpu_kernels`, ``DYNAMIXER_CPU_KERNELS``)."""
+    return _cpu_kernels
+
+
 def static_mixing_ok(dynamic: bool, seq_lens: Sequence[int]) -> bool:
     """What construction decides: only dynamic mixing of sequences of at least FAST_PATH_MIN_TOKENS."""
     return dynamic and min(seq_lens) >= FAST_PATH_MIN_TOKENS
@@ -118,6 +176,13 @@ def is_training_path(path: str) -> bool:
 KERNELS: Dict[str, Tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
     'fast': (DynamicMix.apply, dynamic_mix_forward),
     'triton': (triton_dynamic_mix, triton_mix_forward),
+    'cpp': (CppDynamicMix.apply, cpp_mix_forward),
+}
+
+# backend -> the training MLP, f(x (M, C), fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate)
+MLP_KERNELS: Dict[str, Callable[..., torch.Tensor]] = {
+    'fast': RecomputeGeluMlp.apply,
+    'cpp': CppRecomputeGeluMlp.apply,
 }
 
 
@@ -127,6 +192,12 @@ def mixing_backend(path: str) -> Tuple[str, Callable[..., torch.Tensor]]:
     backend = path.rsplit('-', 1)[0]
     train, infer = KERNELS[backend]
     return backend, train if is_training_path(path) else infer
+
+
+def mlp_kernel(path: str) -> Callable[..., torch.Tensor]:
+    """The training MLP for a training path of a layer's MLP: 'fast-train' -> `RecomputeGeluMlp`,
+    'cpp-train' -> `CppRecomputeGeluMlp` (the compiled GELU pair)."""
+    return MLP_KERNELS[path.rsplit('-', 1)[0]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +216,18 @@ def _triton_ready() -> bool:
 
 
 def _cpp_ready() -> bool:
+    """The switch allows the compiled kernels and they are built (building them on first use)."""
     global _cpp_ok
-    if _cpp_ok is None:  # cached: `available()` may compile or load the extension once
-        _cpp_ok = 'cpp' in KERNELS and cpp_available is not None and bool(cpp_available())
+    if _cpu_kernels == 'off':
+        return False
+    if _cpp_ok is None:  # cached: `available()` compiles or loads the extension once
+        _cpp_ok = 'cpp' in KERNELS and bool(cpp_available())
     return _cpp_ok
+
+
+def _cpp_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # the C++ kernels are float32 / float64 (bf16 and half models keep the eager kernels)
+    return x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
 
 
 def _global_hooks() -> bool:
@@ -163,14 +242,22 @@ def _no_hooks(module: nn.Module) -> bool:
                 or module._backward_hooks or module._backward_pre_hooks)
 
 
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
 def _exact(module: Optional[nn.Module], cls: type) -> bool:
-    """`module` is exactly `cls` (not a subclass, wrapper or quantised swap) and has no hooks."""
-    return type(module) is cls and _no_hooks(module)
+    """`module` is exactly `cls` (not a subclass, wrapper or quantised swap), has no hooks, and its
+    own weights are plain tensors: torchao's int8 and FSDP's DTensor keep the module and swap its
+    weights for tensor subclasses, which the fast code (it reads `.weight` into matmuls) cannot take."""
+    return (type(module) is cls and _no_hooks(module)
+            and all(type(p) in _PLAIN_TENSOR_TYPES for p in module._parameters.values() if p is not None))
 
 
 def _eager_device(x: torch.Tensor) -> Optional[str]:
     """'cpu' / 'cuda' when the fast code may run on x at all (eager, switch on), else None."""
     if not _enabled or is_fx_symbolic_tracing() or torch.compiler.is_compiling():
+        return None
+    if x.numel() == 0:  # an empty batch: the plain path returns an empty result, as timm's models do
         return None
     device = x.device.type
     return device if device in ('cpu', 'cuda') else None
@@ -217,15 +304,22 @@ def _decide_mixing(module: nn.Module, x: torch.Tensor) -> str:
         backend = 'triton'  # also under autocast: the kernel follows the plain path's casts
     elif torch.is_autocast_enabled(device):
         return PLAIN
-    elif device == 'cpu' and _cpp_ready():
+    elif device == 'cpu' and _cpp_fits(module, x) and _cpp_ready():
         backend = 'cpp'
     else:
         backend = 'fast'
     return _PATHS[backend, _records_grad(x, module)]
 
 
+def _cpp_fits(module: nn.Module, x: torch.Tensor) -> bool:
+    """The compiled mixing takes this call: float32/float64, sequences of at most CPP_MAX_TOKENS."""
+    ops = [module.mix_h, module.mix_w] if hasattr(module, 'mix_h') else [module]
+    return all(op.seq_len <= CPP_MAX_TOKENS and _cpp_dtype(x, op.generate.weight) for op in ops)
+
+
 def mlp_path(layer: nn.Module, x: torch.Tensor) -> str:
-    """The path of a MixerLayer's channel MLP: 'plain', 'fast-train' (`RecomputeGeluMlp`) or
+    """The path of a MixerLayer's channel MLP: 'plain', 'fast-train' (`RecomputeGeluMlp`),
+    'cpp-train' (`CppRecomputeGeluMlp`, only with ``DYNAMIXER_CPU_KERNELS=all``) or
     'fast-inference' (chunked, added into the residual stream; CPU, no autograd, eval mode)."""
     path = _decide_mlp(layer, x)
     if _recording is not None:
@@ -249,6 +343,9 @@ def _decide_mlp(layer: nn.Module, x: torch.Tensor) -> str:
     if device == 'cpu' and not layer.training and not _records_grad(x, layer):
         if _no_hooks(layer.drop_path1) and _no_hooks(layer.drop_path2):
             return _PATHS['fast', False]
+    if (device == 'cpu' and _cpu_kernels == 'all' and mlp.act.approximate == 'none'
+            and _cpp_dtype(x, mlp.fc1.weight) and _cpp_ready()):
+        return _PATHS['cpp', True]
     return _PATHS['fast', True]
 
 

@@ -1,5 +1,6 @@
 """The fast forms of the op, the block and the layer: the same functions as their plain `forward`
-in `model.py`, assembled from the kernels of `ops.mixing`, `ops.mlp` and `ops.triton_mixing`.
+in `model.py`, assembled from the kernels of `ops.mixing`, `ops.mlp`, `ops.triton_mixing` and
+`ops.cpu_kernels` (through `ops.dispatch`'s tables).
 
 `ops.dispatch` chooses the path; `model.py` calls these with it. They read the weights of the
 modules they bypass (the dispatch has checked that those are exactly nn.Linear / nn.LayerNorm /
@@ -13,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import is_training_path, mixing_backend
+from .dispatch import is_training_path, mixing_backend, mlp_kernel
 from .mixing import ReweightedSum, generator_rows_out_major, reduced_token_major, reweighted_sum
-from .mlp import RecomputeGeluMlp, mlp_residual_inference_
+from .mlp import mlp_residual_inference_
 
 __all__ = ['mix_tokens_fast', 'op_forward_fast', 'block_forward_fast', 'layer_forward_fast']
 
@@ -104,13 +105,13 @@ def layer_forward_fast(layer: nn.Module, x: torch.Tensor, path: str) -> torch.Te
     """MixerLayer.forward with the channel MLP on a fast path: (B, H, W, C) -> (B, H, W, C).
 
     'fast-inference': the MLP runs in chunks added straight into the residual stream;
-    'fast-train': `RecomputeGeluMlp` stores fc1's output only.
+    'fast-train' / 'cpp-train': `RecomputeGeluMlp` / `CppRecomputeGeluMlp` store fc1's output only.
     """
     mlp = layer.mlp
     if not is_training_path(path):
         x = layer.token_mixer(layer.norm1(x)).add_(x)             # the mixer's output is a new tensor
         return mlp_residual_inference_(x, layer.norm2, mlp.fc1, mlp.fc2, mlp.act.approximate)
     x = x + layer.drop_path1(layer.token_mixer(layer.norm1(x)))
-    y = RecomputeGeluMlp.apply(layer.norm2(x).reshape(-1, x.shape[-1]), mlp.fc1.weight, mlp.fc1.bias,
-                               mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate)
+    y = mlp_kernel(path)(layer.norm2(x).reshape(-1, x.shape[-1]), mlp.fc1.weight, mlp.fc1.bias,
+                         mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate)
     return x + layer.drop_path2(y.view(x.shape))
