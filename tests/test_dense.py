@@ -12,7 +12,7 @@ torchvision = pytest.importorskip('torchvision')
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet  # noqa: E402
 
 from dynamixer import pyramid_backbone  # noqa: E402
-from dynamixer.cli import main  # noqa: E402
+from dynamixer.cli import build_parser, main  # noqa: E402
 from dynamixer.dense import (  # noqa: E402
     DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets)
 from dynamixer.dense.command import build_detector, evaluate, train_and_evaluate  # noqa: E402
@@ -146,7 +146,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
     torch.save(timm.create_model('dynamixer_nano', depths=(1, 1, 1, 1)).state_dict(), path)
     with pytest.raises(DenseError, match=r'shallow.pth.*does not fit this model.*layers per stage \(1, 1, 1, 1\)'):
         pyramid_backbone('dynamixer_nano', img_size=32, pretrained_file=path)
-    with pytest.raises(DenseError, match='not found'):
+    with pytest.raises(DynaMixerError, match='not found'):
         pyramid_backbone('dynamixer_nano', pretrained_file=tmp_path / 'missing.pth')
 
 
@@ -251,12 +251,29 @@ def test_dense_command_tiny_end_to_end(tmp_path, capsys):
     assert (tmp_path / 'dense_predictions.png').stat().st_size > 1000
 
 
-def test_dense_command_bad_flags_raise_before_training(tmp_path):
-    for flags, match in ((['--steps', '0'], 'need --steps >= 1'), (['--steps', '5', '--warmup', '9'], '--warmup must'),
-                         (['--jobs', '0'], '--jobs must'), (['--canvas', '32', '32', '32'], '--canvas takes')):
-        with pytest.raises(DenseError, match=match):
-            main(['dense', '--out', str(tmp_path / 'out')] + flags)
-    assert not (tmp_path / 'out' / 'dense_runs.csv').exists()
+def test_dense_command_bad_flags_are_refused_before_training(tmp_path, capsys):
+    out = tmp_path / 'out'
+    for flags in (['--steps', '0'], ['--jobs', '0'], ['--lr', '0'], ['--canvas', '4'], ['--seeds', '-1']):
+        with pytest.raises(SystemExit) as e:     # argparse refuses the value (argtypes.Bounded)
+            main(['dense', '--out', str(out)] + flags)
+        assert e.value.code == 2 and flags[0] in capsys.readouterr().err
+    file = tmp_path / 'a_file'
+    file.write_text('x')
+    for flags, message in ((['--steps', '5', '--warmup', '9'], '--warmup must be at most --steps (5)'),
+                           (['--canvas', '32', '32', '32'], '--canvas takes H or H W'),
+                           (['--digit-size', '20', '10'], 'smallest <= largest'),
+                           (['--canvas', '16', '--digit-size', '10', '20'], 'does not fit the 16-px canvas'),
+                           (['--train-size', '4', '--batch-size', '8'], 'at least --batch-size'),
+                           (['--pretrained-file', str(tmp_path / 'missing.pth')], 'not found'),
+                           (['--out', str(file)], 'is a file')):
+        args = ['dense', '--out', str(out)] + flags
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and message in err and 'Traceback' not in err, err
+    assert not out.exists()
+    with pytest.raises(DenseError, match='--warmup must'):   # a DynaMixerError (cli.main prints it)
+        from dynamixer.dense.command import run
+        run(build_parser().parse_args(['dense', '--steps', '5', '--warmup', '9']))
 
 
 # ------------------------------------------------------------------ learning (slow)

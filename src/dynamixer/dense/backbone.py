@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import timm
 
-from ..errors import DynaMixerError, require
+from ..errors import DynaMixerError, UsageError, require
 from ..files import read_checkpoint
 from ..grids import token_grids
 from ..layout import unwrap_state_dict
@@ -39,8 +39,9 @@ PYRAMIDS = ('fpn', 'simple')
 SizeLike = Union[int, Tuple[int, int]]
 
 
-class DenseError(DynaMixerError, ValueError):
-    """A mistake in building or feeding a dense-prediction model: the message says what to do."""
+class DenseError(UsageError):
+    """A mistake in building or feeding a dense-prediction model (a DynaMixerError and a
+    ValueError): the message says what to do."""
 
 
 def _pair(size: SizeLike) -> Tuple[int, int]:
@@ -64,12 +65,11 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
     if _is_dynamixer(model_name):
         kwargs['img_size'] = img_size
     if pretrained_file is not None:
-        if not os.path.isfile(pretrained_file):
-            raise DenseError(f'pretrained_file not found: {pretrained_file}')
         # num_classes=0: no classifier to fill, so a checkpoint with any head loads (timm drops the
         # classifier of its own models by their pretrained_cfg; DynaMixer's is dropped here)
         kwargs.update(pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay=dict(state_dict=_trunk_weights(pretrained_file, _is_dynamixer(model_name))))
+                      pretrained_cfg_overlay=dict(
+                          state_dict=_trunk_weights(pretrained_file, drop_head=_is_dynamixer(model_name))))
     try:
         return timm.create_model(model_name, **kwargs)
     except RuntimeError as e:

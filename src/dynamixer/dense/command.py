@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import require
-from ..files import atomic_write_text
+from ..argtypes import Bounded, non_negative_int, positive_float, positive_int
+from ..files import atomic_write_text, check_output_folder, validate_checkpoint_file
 from .backbone import PYRAMIDS, DenseError, PyramidBackbone, detector_kwargs, pyramid_backbone
 from .digits_detection import CLASS_NAMES, NUM_CLASSES, DigitsDetection, validate_targets
 from .segmentation import SegmentationModel
@@ -182,7 +183,8 @@ def evaluate(task: str, model: nn.Module, val: DigitsDetection, keep_predictions
                 kept += preds[:max(keep_predictions - len(kept), 0)]
             res = metric.compute()
             prefix = 'bbox_' if task == 'maskrcnn' else ''
-            row.update(mAP=round(100 * float(res[prefix + 'map']), 2), mAP50=round(100 * float(res[prefix + 'map_50']), 2))
+            row.update(mAP=round(100 * float(res[prefix + 'map']), 2),
+                       mAP50=round(100 * float(res[prefix + 'map_50']), 2))
             if task == 'maskrcnn':
                 row.update(mask_mAP=round(100 * float(res['segm_map']), 2),
                            mask_mAP50=round(100 * float(res['segm_map_50']), 2))
@@ -313,52 +315,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--backbones', nargs='+', default=['dynamixer_nano', 'lcnet_100'],
                    help='DynaMixer or timm model names (default: dynamixer_nano lcnet_100)')
     p.add_argument('--pyramids', nargs='+', default=['fpn'], choices=PYRAMIDS, help='default: fpn')
-    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='training seeds (default: 0 1 2)')
-    p.add_argument('--canvas', type=int, nargs='+', default=[48], help='image size H [W] (default: 48)')
-    p.add_argument('--digit-size', type=int, nargs=2, default=[10, 20], help='digit side range in px (default: 10 20)')
-    p.add_argument('--train-size', type=int, default=1000, help='training canvases (default: 1000)')
-    p.add_argument('--val-size', type=int, default=300, help='validation canvases (default: 300)')
-    p.add_argument('--data-seed', type=int, default=0, help='seed of the fixed splits (default: 0)')
-    p.add_argument('--steps', type=int, default=800, help='training steps per run (default: 800)')
-    p.add_argument('--warmup', type=int, default=None,
+    p.add_argument('--seeds', nargs='+', type=non_negative_int, default=[0, 1, 2],
+                   help='training seeds (default: 0 1 2)')
+    p.add_argument('--canvas', type=Bounded(int, 8), nargs='+', default=[48], metavar='SIZE',
+                   help='image size: H, or H W (default: 48)')
+    p.add_argument('--digit-size', type=Bounded(int, 8), nargs='+', default=[10, 20], metavar='SIZE',
+                   help='side of a pasted digit in px: SMALLEST LARGEST, or one size (default: 10 20)')
+    p.add_argument('--train-size', type=positive_int, default=1000, help='training canvases (default: 1000)')
+    p.add_argument('--val-size', type=positive_int, default=300, help='validation canvases (default: 300)')
+    p.add_argument('--data-seed', type=non_negative_int, default=0, help='seed of the fixed splits (default: 0)')
+    p.add_argument('--steps', type=positive_int, default=800, help='training steps per run (default: 800)')
+    p.add_argument('--warmup', type=non_negative_int, default=None,
                    help='linear learning-rate warm-up steps (default: steps / 10, at most 100)')
-    p.add_argument('--batch-size', type=int, default=8, help='default: 8')
-    p.add_argument('--lr', type=float, default=1e-3, help='AdamW peak learning rate (default: 1e-3)')
-    p.add_argument('--out-channels', type=int, default=64, help='pyramid width (default: 64)')
-    p.add_argument('--pretrained-file', default=None, help='classification checkpoint for DynaMixer trunks')
+    p.add_argument('--batch-size', type=positive_int, default=8, help='default: 8')
+    p.add_argument('--lr', type=positive_float, default=1e-3, help='AdamW peak learning rate (default: 1e-3)')
+    p.add_argument('--out-channels', type=positive_int, default=64, help='pyramid width (default: 64)')
+    p.add_argument('--pretrained-file', default=None,
+                   help='classification checkpoint every trunk starts from (each of --backbones must fit it)')
     p.add_argument('--out', default='dense_results', help='folder for the csv / md / png (default: dense_results)')
-    p.add_argument('--show', type=int, default=6, help='val images in the predictions picture (0: none)')
-    p.add_argument('--threads', type=int, default=1,
-                   help='intra-op CPU threads (default 1: these small models gain little from more, and '
-                        'spin on a busy machine)')
-    p.add_argument('--jobs', type=int, default=1, help='runs in parallel worker processes (default: 1)')
-    p.add_argument('--log-every', type=int, default=0, help='print the loss every N steps (0: never)')
+    p.add_argument('--show', type=non_negative_int, default=6,
+                   help='val images in the predictions picture (0: none)')
+    p.add_argument('--threads', type=non_negative_int, default=1,
+                   help='intra-op CPU threads per run (default 1: these small models gain little from more, and '
+                        'spin on a busy machine; 0: torch\'s default)')
+    p.add_argument('--jobs', type=positive_int, default=1, help='runs in parallel worker processes (default: 1)')
+    p.add_argument('--log-every', type=non_negative_int, default=0, help='print the loss every N steps (0: never)')
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.batch_size < 1 or args.train_size < args.batch_size or args.val_size < 1:
-        raise DenseError('need --steps >= 1, --batch-size >= 1, --train-size >= --batch-size and --val-size >= 1; '
-                         f'got {args.steps}, {args.batch_size}, {args.train_size} and {args.val_size}')
-    if args.warmup is not None and not 0 <= args.warmup <= args.steps:
-        raise DenseError(f'--warmup must be between 0 and --steps ({args.steps}); got {args.warmup}')
-    if args.jobs < 1:
-        raise DenseError(f'--jobs must be at least 1; got {args.jobs}')
+    # everything that can be wrong with the flags is refused before any data is made
+    if args.train_size < args.batch_size:
+        raise DenseError(f'--train-size ({args.train_size}) must be at least --batch-size ({args.batch_size})')
+    if args.warmup is not None and args.warmup > args.steps:
+        raise DenseError(f'--warmup must be at most --steps ({args.steps}); got {args.warmup}')
     if len(args.canvas) not in (1, 2):
-        raise DenseError(f'--canvas takes H or H W; got {args.canvas}')
+        raise DenseError(f'--canvas takes H or H W; got {len(args.canvas)} values')
+    if len(args.digit_size) not in (1, 2) or args.digit_size[0] > args.digit_size[-1]:
+        raise DenseError(f'--digit-size takes SMALLEST LARGEST (smallest <= largest) or one size; '
+                         f'got {args.digit_size}')
+    if args.digit_size[-1] > min(args.canvas):
+        raise DenseError(f'--digit-size {args.digit_size[-1]} does not fit the {min(args.canvas)}-px canvas')
+    if args.pretrained_file is not None:
+        validate_checkpoint_file(args.pretrained_file)
+    args.out = check_output_folder(args.out, 'results folder (--out)')
     canvas = (args.canvas[0], args.canvas[-1])
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     grid = [(task, backbone, pyramid, seed) for task in args.tasks for backbone in args.backbones
             for pyramid in args.pyramids for seed in args.seeds]
-    data_args = (args.train_size, args.val_size, canvas, tuple(args.digit_size), args.data_seed)
+    digit_size = (args.digit_size[0], args.digit_size[-1])
+    data_args = (args.train_size, args.val_size, canvas, digit_size, args.data_seed)
     run_args = [(data_args, (task, backbone, pyramid, seed, args.steps, args.batch_size, args.lr, args.out_channels,
                              args.pretrained_file, args.show if seed == args.seeds[0] else 0, args.log_every,
                              args.warmup))
                 for task, backbone, pyramid, seed in grid]
     _, val = _data(*data_args)
     header = (f'Digits detection, {canvas[0]}x{canvas[1]} canvases, {args.train_size} train / {args.val_size} val, '
-              f'digits of {args.digit_size[0]}-{args.digit_size[1]} px, {args.steps} steps of batch '
+              f'digits of {digit_size[0]}-{digit_size[1]} px, {args.steps} steps of batch '
               f'{args.batch_size}, seeds {" ".join(map(str, args.seeds))}; mean ± std over seeds, metrics in %.')
     done: Dict[int, Dict[str, Any]] = {}
     shown: Dict[int, Tuple[str, Any]] = {}

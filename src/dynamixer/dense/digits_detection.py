@@ -60,7 +60,8 @@ class DigitsDetection(torch.utils.data.Dataset):
         h, w = (canvas, canvas) if isinstance(canvas, int) else tuple(canvas)
         lo, hi = digit_size
         if not 8 <= lo <= hi or hi > min(h, w):
-            raise DenseError(f'digit_size {digit_size} must satisfy 8 <= smallest <= largest <= canvas side {min(h, w)}')
+            raise DenseError(f'digit_size {digit_size} must satisfy 8 <= smallest <= largest <= '
+                             f'canvas side {min(h, w)}')
         images, labels = _source_digits(split, seed)
         rng = np.random.default_rng([seed, 1 if split == 'train' else 2])
         self.img_size = (h, w)
