@@ -14,6 +14,7 @@ from .errors import DynaMixerError
 from .layout import unwrap_state_dict
 from .ops import cpu_kernels_mode, explain_paths, fast_path_enabled, set_cpu_kernels, set_fast_path
 from .resample import resample_state_dict
+from .dense import pyramid_backbone
 
 __version__ = '0.1.0'
 

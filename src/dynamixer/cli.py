@@ -31,6 +31,8 @@ COMMANDS = {
                                    'block) and tabulate top-1 over seeds'),
     'benchmark': ('dynamixer.benchmark', 'throughput and latency of models (this library\'s and timm\'s) per '
                                          'runtime, precision and batch size'),
+    'dense': ('dynamixer.dense.command', 'train and evaluate detectors (torchvision) and a segmenter on '
+                                         'the digits detection task, DynaMixer vs timm backbones'),
     'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
                                              'for given images'),
 }
