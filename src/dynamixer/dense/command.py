@@ -15,9 +15,11 @@ finished, the predictions on a few val images, OUT/dense_predictions.png. The ru
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import io
 import math
+import multiprocessing
 import os
 import statistics
 import time
@@ -391,8 +393,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs > 1:
         # independent runs in worker processes (`--threads` threads each), written as they finish
-        import concurrent.futures
-        import multiprocessing
         with concurrent.futures.ProcessPoolExecutor(
                 args.jobs, mp_context=multiprocessing.get_context('spawn'),
                 initializer=torch.set_num_threads, initargs=(max(args.threads, 1),)) as pool:
