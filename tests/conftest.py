@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import dynamixer  # noqa: E402,F401  (registers the models with timm)
+from dynamixer.ops import dispatch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +24,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fast_path_every_size(monkeypatch):
+    """The library keeps sequences shorter than 16 tokens on the plain path (decided at
+    construction); lets tests run the fast path on small modules."""
+    monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 1)
 
 
 @pytest.fixture

@@ -14,17 +14,9 @@ from helpers import authors_names, grads_close, random_nano, randomize_
 from reference import reference_block, reference_logits, reference_op, make_authors_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _fast_path_for_every_size(monkeypatch):
-    # the library keeps sequences shorter than 16 tokens on the plain path (decided at
-    # construction); test the fast one on small modules
-    monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 1)
-
-
-@pytest.fixture(autouse=True)
-def _eager_kernels(eager_kernels):
-    """The dispatch's table with the eager kernels; the compiled CPU kernels' rules are tested at
-    the end of this file (they switch them back on), their numerics in test_ops_cpu_kernels.py."""
+# these files test the fast path with its eager PyTorch kernels (ops.mixing, ops.mlp) on small
+# modules; the compiled CPU kernels are tested in test_ops_cpu_kernels.py
+pytestmark = pytest.mark.usefixtures('fast_path_every_size', 'eager_kernels')
 
 
 def test_short_sequences_take_the_plain_path(monkeypatch):

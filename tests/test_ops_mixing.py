@@ -16,17 +16,9 @@ from dynamixer.ops.mixing import (
 from reference import reference_block, reference_logits, reference_op, make_authors_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _fast_path_for_every_size(monkeypatch):
-    # the library keeps sequences shorter than 16 tokens on the plain path (decided at
-    # construction); test the fast one on small modules
-    monkeypatch.setattr(dispatch, 'FAST_PATH_MIN_TOKENS', 1)
-
-
-@pytest.fixture(autouse=True)
-def _eager_kernels(eager_kernels):
-    """This file tests the eager PyTorch kernels (ops.mixing, ops.mlp); the compiled CPU kernels
-    are tested in test_ops_cpu_kernels.py."""
+# these files test the fast path with its eager PyTorch kernels (ops.mixing, ops.mlp) on small
+# modules; the compiled CPU kernels are tested in test_ops_cpu_kernels.py
+pytestmark = pytest.mark.usefixtures('fast_path_every_size', 'eager_kernels')
 
 
 @pytest.mark.parametrize('n,dim,segments,d', [(7, 15, 3, 3), (5, 8, 1, 2), (4, 12, 4, 1)])
