@@ -36,6 +36,7 @@ GRID = {  # name -> (mode, parts kept in float); dynamic quantisation never touc
     'dynamic, head float': ('dynamic', ('head',)),
     'dynamic, generator float': ('dynamic', ('generator',)),
     'dynamic, generator+head float': ('dynamic', ('generator', 'head')),
+    'dynamic, generator+head+conv float': ('dynamic', ('generator', 'head', 'conv')),
     'dynamic, reduce+generator float': ('dynamic', ('reduce', 'generator')),
     'dynamic, conv float': ('dynamic', ('conv',)),
     'static, all int8': ('static', ()),

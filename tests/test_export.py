@@ -67,6 +67,18 @@ def test_onnx_checker_and_dynamic_batch_axis(onnx_export):
     assert [o.name for o in proto.graph.output] == ['logits']
 
 
+def test_onnx_graph_form(onnx_export):
+    """The default opset writes GELU as one operator, and `onnx_graph.softmax_on_last_axis` has
+    moved every mixing softmax to the last axis (its own test: tests/test_onnx_graph.py)."""
+    from dynamixer.export import DEFAULT_OPSET
+    proto = onnx.load(str(onnx_export[0]))
+    assert {o.domain: o.version for o in proto.opset_import}[''] == DEFAULT_OPSET == 20
+    ops = [n.op_type for n in proto.graph.node]
+    assert 'Gelu' in ops and 'Erf' not in ops
+    axes = [a.i for n in proto.graph.node if n.op_type == 'Softmax' for a in n.attribute if a.name == 'axis']
+    assert axes and -2 not in axes
+
+
 @pytest.mark.parametrize('batch', [1, 2, 7])
 def test_onnx_matches_pytorch_random(onnx_export, model, batch):
     session = ort.InferenceSession(str(onnx_export[0]), providers=['CPUExecutionProvider'])

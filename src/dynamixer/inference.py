@@ -155,15 +155,21 @@ def is_onnx_file(path: PathLike) -> bool:
     return str(path).lower().endswith('.onnx')
 
 
-def ort_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None) -> Any:
+def ort_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                spin: bool = True) -> Any:
     """An ONNX Runtime InferenceSession for `path`: `threads` intra-op threads (None: ONNX
     Runtime's default, one per physical core) and one inter-op thread (the graph is a chain).
+    `spin=False` lets the intra-op threads block instead of spinning after a run: each session
+    has its own thread pool, and spinning pools of sessions (or of PyTorch) run in turn in one
+    process compete for the cores (`dynamixer benchmark` turns spinning off).
     Raises MissingDependencyError naming the `onnx` extra when onnxruntime is not installed."""
     ort = require('onnxruntime', 'onnx', 'running an ONNX file')
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(os.fspath(path), options, providers=list(providers or ['CPUExecutionProvider']))
 
 

@@ -66,7 +66,7 @@ PathLike = Union[str, os.PathLike]
 
 PARTS = ('generator', 'mix', 'reduce', 'proj', 'reweight', 'mlp', 'head', 'conv')
 # chosen by the measurements in docs/deploy.md ("Which parts stay in float")
-DEFAULT_KEEP_FLOAT = ('generator', 'head')
+DEFAULT_KEEP_FLOAT = ('generator', 'head', 'conv')
 MODES = ('dynamic', 'static')
 # static QDQ quantisation of these only: LayerNorm, softmax and the residual adds stay float
 STATIC_OP_TYPES = ('MatMul', 'Gemm', 'Conv')
@@ -325,7 +325,8 @@ def quantize_model(
     `backend` 'torch.ao': ``torch.ao.quantization.quantize_dynamic`` (built into torch, deprecated
     upstream, fast on x86 CPUs, the form TorchScript serialises); 'torchao': torchao's
     ``quantize_(model, Int8DynamicActivationInt8WeightConfig())`` (``pip install "dynamixer[int8]"``). Linear layers of
-    the parts in `keep_float` (see `PARTS`; 'mix' has no Linear) stay float32.
+    the parts in `keep_float` (see `PARTS`; 'mix' and 'conv' have no Linear: the mixing matmul and
+    the convolutions always stay float32 here) stay float32.
     """
     if backend not in BACKENDS:
         raise DynaMixerError(f'unknown int8 backend {backend!r}; choose one of {", ".join(BACKENDS)}')
