@@ -161,7 +161,8 @@ def ort_session(path: PathLike, threads: Optional[int] = None, providers: Option
     Runtime's default, one per physical core) and one inter-op thread (the graph is a chain).
     `spin=False` lets the intra-op threads block instead of spinning after a run: each session
     has its own thread pool, and spinning pools of sessions (or of PyTorch) run in turn in one
-    process compete for the cores (`dynamixer benchmark` turns spinning off).
+    process compete for the cores (benchmarks/int8_variants.py --no-spin; on this project's 2-core
+    machine it changed the int8 / float32 ratio by less than the run-to-run noise).
     Raises MissingDependencyError naming the `onnx` extra when onnxruntime is not installed."""
     ort = require('onnxruntime', 'onnx', 'running an ONNX file')
     options = ort.SessionOptions()
