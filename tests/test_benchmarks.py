@@ -63,3 +63,28 @@ def test_time_parts_smoke():
                           '--threads', '1', '--rounds', '1'], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert '| mlp_residual_inference_ |' in run.stdout and '| RecomputeGeluMlp.backward |' in run.stdout
+
+
+def test_gemm_floor_records_every_gemm_and_runs(capsys):
+    """The recorder sees each matrix multiply once: on the plain path, in inference mode, one call
+    per Linear and convolution module call and one mixing matmul per DynaMixerOp."""
+    import gemm_floor
+    from dynamixer.model import DynaMixerOp
+    model = timm.create_model('dynamixer_nano', num_classes=5).eval()
+    calls = {'modules': 0}
+
+    def count(*_):
+        calls['modules'] += 1
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(count)
+    ops = sum(1 for m in model.modules() if isinstance(m, DynaMixerOp))
+    with dynamixer.set_fast_path(False), torch.inference_mode():
+        with gemm_floor.RecordGemms() as rec:
+            model(torch.randn(2, 3, 32, 32))
+    assert calls['modules'] > 0 and len(rec.calls) == calls['modules'] + ops
+    gemm_floor.replay(rec.calls)()  # the recorded layouts replay
+    assert gemm_floor.main(['--model', 'dynamixer_nano', '--img-size', '64', '--rounds', '1', '--warmup', '0',
+                            '--infer-batch', '2', '--train-batch', '2']) == 0
+    out = capsys.readouterr().out
+    assert '| inference (batch 2) |' in out and '| training step, forward + backward (batch 2) |' in out
