@@ -52,7 +52,7 @@ def softmax_on_last_axis(model: Any) -> int:
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and name not in graph_outputs else None
 
-    removed, done = [], 0
+    removed, replaced, done = [], set(), 0
     for softmax in [n for n in graph.node if n.op_type == 'Softmax']:
         reshape = producer.get(softmax.input[0])
         transpose = only_consumer(softmax.output[0])
@@ -85,6 +85,7 @@ def softmax_on_last_axis(model: Any) -> int:
             new_name = f'{old}_out_major_{done}'  # new initializers: the exporter shares equal ones
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), new_name))
             node.input[list(node.input).index(old)] = new_name
+            replaced.add(old)
         for a in softmax.attribute:
             if a.name == 'axis':
                 a.i = -1
@@ -96,8 +97,8 @@ def softmax_on_last_axis(model: Any) -> int:
         done += 1
     for node in removed:
         graph.node.remove(node)
-    # initializers nothing reads any more (the original W and b when they were not shared)
-    used = {i for node in graph.node for i in node.input}
-    for t in [t for t in graph.initializer if t.name not in used]:
+    # the original W and b, unless something else still reads them (the exporter shares equal ones)
+    used = {i for node in graph.node for i in node.input} | {i.name for i in graph.input}
+    for t in [t for t in graph.initializer if t.name in replaced and t.name not in used]:
         graph.initializer.remove(t)
     return done
