@@ -23,6 +23,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from dynamixer.inference import ort_session
+
 SHAPES = {  # name -> (M, K, N)
     'stage 1 fc1': (16384, 192, 576),
     'stage 1 fc2': (16384, 576, 192),
@@ -43,16 +45,6 @@ def build(m: int, k: int, n: int, path: str) -> str:
     return path + '.int8.onnx'
 
 
-def session(path: str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # a single-node run is short: a pool still spinning after its run would take a core from the
-    # other session's next run (measured: two-thread float32 times no faster than one-thread)
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--rounds', type=int, default=15)
@@ -68,7 +60,11 @@ def main() -> None:
             int8_path = build(m, k, n, float_path)
             x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
             for threads in args.threads:
-                sessions = {'float32': session(float_path, threads), 'int8': session(int8_path, threads)}
+                # spin=False: a single-node run is short, and a pool still spinning after its run
+                # takes a core from the other session's next run (measured: two-thread float32
+                # times no faster than one-thread with spinning on)
+                sessions = {key: ort_session(path, threads, spin=False)
+                            for key, path in (('float32', float_path), ('int8', int8_path))}
                 times = {key: [] for key in sessions}
                 for s in sessions.values():
                     s.run(None, {'x': x})

@@ -38,7 +38,7 @@ def _ops(proto):
 
 @pytest.fixture(scope='module')
 def peaked_model():
-    """dynamixer_nano at 40x56 (non-square grids of 8 x 5... tokens per stage) whose generators give
+    """dynamixer_nano at 40x56 (non-square grids: 10 x 14, then 5 x 7 tokens) whose generators give
     peaked, input-dependent mixing matrices; the generator biases of the first op stay zero, so
     the exporter shares that initializer with other zero vectors (the rewrite must copy, not edit)."""
     torch.manual_seed(0)
