@@ -7,7 +7,10 @@ axis, a batched matmul, permutes back, and the re-weighting with a permuted mean
 library's submodule names, so it loads the library's state dict unchanged.
 
 `baseline_model(model)` returns a deep copy of a library model whose token mixers are replaced
-by `BaselineBlock`; everything else (stem, LayerNorm, MLP, head) is the same module code.
+by `BaselineBlock`, and whose patch embedding and downsampling return the convolution's output
+permuted to (B, H, W, C) without a copy, as the authors' release does (so the residual stream
+keeps the NCHW memory order; the library writes contiguous NHWC). Everything else (LayerNorm,
+MLP, head, the convolutions' weights) is the same module code.
 """
 import copy
 from typing import Tuple
@@ -16,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-__all__ = ['BaselineOp', 'BaselineBlock', 'baseline_model']
+__all__ = ['BaselineOp', 'BaselineBlock', 'BaselinePermuteConv', 'baseline_model']
 
 
 class BaselineOp(nn.Module):
@@ -76,6 +79,22 @@ class BaselineBlock(nn.Module):
         return self.proj(h * a[0] + w * a[1] + c * a[2])
 
 
+class BaselinePermuteConv(nn.Module):
+    """The authors' patch embedding / downsampling: conv, then a permute to (B, H, W, C), no copy.
+
+    `nhwc_in`: the input is (B, H, W, C) and is permuted to NCHW first (downsampling).
+    """
+
+    def __init__(self, proj: nn.Conv2d, nhwc_in: bool):
+        super().__init__()
+        self.proj, self.nhwc_in = proj, nhwc_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nhwc_in:
+            x = x.permute(0, 3, 1, 2)
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
 class BaselineLayer(nn.Module):
     """Pre-norm residual layer, step by step: x + block(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -91,9 +110,12 @@ class BaselineLayer(nn.Module):
 
 def baseline_model(model: nn.Module) -> nn.Module:
     """A copy of a library DynaMixer whose mixer layers are `BaselineLayer`s with `BaselineBlock`s."""
-    from dynamixer.model import MixerLayer
+    from dynamixer.model import Downsample, MixerLayer
     ref = copy.deepcopy(model)
+    ref.stem = BaselinePermuteConv(ref.stem.proj, nhwc_in=False)
     for stage in ref.stages:
+        if isinstance(stage.downsample, Downsample):
+            stage.downsample = BaselinePermuteConv(stage.downsample.proj, nhwc_in=True)
         for j, layer in enumerate(stage.blocks):
             assert isinstance(layer, MixerLayer)
             mixer = layer.token_mixer

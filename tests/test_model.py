@@ -145,6 +145,23 @@ def test_forward_features_and_head():
     torch.testing.assert_close(model(x), model.forward_head(feats))
 
 
+
+@pytest.mark.parametrize('train', [False, True])
+def test_residual_stream_is_contiguous_nhwc(train):
+    # The stem and the downsampling write contiguous (B, H, W, C): a permuted NCHW view would
+    # carry its channel stride through every residual add of the stage (slow strided adds and a
+    # LayerNorm copy per layer; measured in docs/fast_path.md).
+    model = nano(num_classes=10).train(train)
+    seen = []
+    for layer in model.modules():
+        if isinstance(layer, MixerLayer):
+            layer.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+    with torch.set_grad_enabled(train):
+        model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == sum(len(s.blocks) for s in model.stages) and len(model.stages) > 1
+    for inp, out in seen:
+        assert inp.is_contiguous() and out.is_contiguous(), (inp.stride(), out.stride())
+
 def test_reset_classifier():
     model = nano().eval()
     model.reset_classifier(3)

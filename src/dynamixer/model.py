@@ -221,7 +221,10 @@ class Downsample(nn.Module):
         self.proj = nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # NHWC in is channels-last NCHW for the convolution, whose output is then channels-last
+        # too: the permute back is contiguous NHWC without a copy (see PatchEmbed)
+        x = self.proj(x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1).contiguous()
 
 
 class PatchEmbed(nn.Module):
@@ -234,7 +237,12 @@ class PatchEmbed(nn.Module):
                               device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        # Contiguous NHWC out, not a permuted view of an NCHW result: the residual additions
+        # keep their first operand's layout, so a permuted stem output would leave every layer
+        # of the stage reading and writing the stream with a channel stride of H*W (LayerNorm
+        # copies, slow strided adds). A channels-last convolution writes NHWC directly.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1).contiguous()
 
 
 class DynaMixerStage(nn.Module):
