@@ -31,6 +31,12 @@ Time: every call is timed both by the wall clock and by the CPU time of this pro
 (time.process_time). On a CPU shared with other work the wall clock mostly measures the share the
 scheduler gives; with --threads 1 the CPU time is the work itself, and is reported first.
 
+Page faults: the CPU time includes the kernel's (system) time, and a step that takes memory fresh
+from the OS pays a page fault per 4 KiB page, which glibc's allocator does whenever it has handed
+memory back. Per call, the user and system CPU seconds and the minor page faults are reported for
+every variant, with a 'user-time ratio' (the work alone). How often pages come fresh depends on
+the allocator (MALLOC_* environment variables, LD_PRELOAD), which is printed with the results.
+
     python benchmarks/bench_speed.py --models dynamixer_s --rounds 5
     python benchmarks/bench_speed.py --models dynamixer_nano dynamixer_s dynamixer_m dynamixer_l
     python benchmarks/bench_speed.py --models dynamixer_s dynamixer_nano --latency --threads 1
@@ -44,6 +50,11 @@ import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
+
+try:
+    import resource  # Unix: user / system CPU time and page faults per call
+except ImportError:  # pragma: no cover (Windows)
+    resource = None
 
 import torch
 import torch.nn as nn
@@ -74,15 +85,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device, cpu_times: Optional[List[float]] = None) -> float:
-    """Wall-clock seconds of fn(); the process's CPU seconds are appended to `cpu_times`."""
+def _usage() -> Tuple[float, float, int]:
+    """(user CPU s, system CPU s, minor page faults) of this process so far; zeros without `resource`."""
+    if resource is None:
+        return 0.0, 0.0, 0
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime, u.ru_stime, u.ru_minflt
+
+
+def _timed(fn: Callable[[], object], device: torch.device, cpu_times: Optional[List[float]] = None,
+           usage: Optional[List[Tuple[float, float, int]]] = None) -> float:
+    """Wall-clock seconds of fn(); the process's CPU seconds are appended to `cpu_times`, its
+    (user s, system s, minor page faults) during the call to `usage`."""
     _sync(device)
+    u0 = _usage()
     c0, t0 = time.process_time(), time.perf_counter()
     fn()
     _sync(device)
     t1, c1 = time.perf_counter(), time.process_time()
+    u1 = _usage()
     if cpu_times is not None:
         cpu_times.append(c1 - c0)
+    if usage is not None:
+        usage.append((u1[0] - u0[0], u1[1] - u0[1], u1[2] - u0[2]))
     return t1 - t0
 
 
@@ -271,12 +296,13 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
 
     times = {f'{kind}/{k}': [] for kind in kinds for k in names}
     cpu = {f'{kind}/{k}': [] for kind in kinds for k in names}
+    usage: Dict[str, List[Tuple[float, float, int]]] = {f'{kind}/{k}': [] for kind in kinds for k in names}
     for r in range(args.rounds):
         order = names if r % 2 == 0 else list(reversed(names))
         for k in order:
             for kind, batch in kinds.items():
                 key = f'{kind}/{k}'
-                times[key].append(batch / _timed(fns[key], device, cpu[key]))
+                times[key].append(batch / _timed(fns[key], device, cpu[key], usage[key]))
         mm_rates.append(mm())
         if args.verbose:
             print(f'  round {r}: ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in times.items()), flush=True)
@@ -285,6 +311,10 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
     # scheduler's share; with --threads 1 the process's CPU time measures the work itself
     res['images_per_cpu_s'] = {k: median([kinds[k.split('/')[0]] / c for c in v]) for k, v in cpu.items()}
     res['images_per_s_rounds'] = times
+    # the kernel's share: page faults (fresh memory from the OS, zeroed by the kernel) are system
+    # time, and differ between variants that allocate differently; user time is the work itself
+    res['per_call_usage'] = {k: dict(user_s=median([u[0] for u in v]), sys_s=median([u[1] for u in v]),
+                                     minor_faults=median([u[2] for u in v])) for k, v in usage.items()}
     for kind in kinds:
         for k in names:
             if k == 'reference':
@@ -293,6 +323,9 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
             res.setdefault('speedup', {})[f'{kind}/{k}'] = median(per_round)
             per_round = [b / a for a, b in zip(cpu[f'{kind}/{k}'], cpu[f'{kind}/reference'])]
             res.setdefault('speedup_cpu_time', {})[f'{kind}/{k}'] = median(per_round)
+            per_round = [b[0] / a[0] for a, b in zip(usage[f'{kind}/{k}'], usage[f'{kind}/reference']) if a[0] > 0]
+            if per_round:
+                res.setdefault('speedup_user_time', {})[f'{kind}/{k}'] = median(per_round)
 
     if args.memory:
         mem = {}
@@ -324,13 +357,15 @@ def machine_info(device: torch.device) -> Dict:
         pass
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
+    # the C allocator's settings change how often memory comes fresh from the OS (page faults)
+    info['allocator_env'] = {k: v for k, v in os.environ.items() if k.startswith('MALLOC_') or k == 'LD_PRELOAD'}
     return info
 
 
 def print_tables(results: List[Dict], info: Dict) -> None:
     mm = info['matmul_gflops']
     print(f"\nmatmul rate (median of rounds): {mm:.1f} GFLOP/s; load avg start {info.get('load_avg_start')} "
-          f"end {info.get('load_avg_end')}")
+          f"end {info.get('load_avg_end')}; allocator settings: {info.get('allocator_env') or 'defaults'}")
     print('\npaths taken (ops.dispatch: deciding modules per path), inference | training step:')
     for r in results:
         for k, p in r['paths_inference'].items():
@@ -359,6 +394,17 @@ def print_tables(results: List[Dict], info: Dict) -> None:
                     lat = 1e3 / r[key][f'latency/{k}']
                     row += f" {lat:.1f} | {r.get(ratio_key, {}).get(f'latency/{k}', 1.0):.2f}x |"
                 print(row)
+    if any('per_call_usage' in r for r in results):
+        print('\nper call, medians: user CPU s | system CPU s | minor page faults | ratio of user CPU time to '
+              "the reference's (the work without the kernel's page handling)")
+        print('\n| model | variant | kind | user s | system s | minor faults | user-time ratio |')
+        print('|---|---|---|---|---|---|---|')
+        for r in results:
+            for key, u in r.get('per_call_usage', {}).items():
+                kind, k = key.split('/', 1)
+                ratio = r.get('speedup_user_time', {}).get(key, 1.0)
+                print(f"| {r['model']} | {k} | {kind} | {u['user_s']:.3f} | {u['sys_s']:.3f} | "
+                      f"{u['minor_faults']:.0f} | {ratio:.2f}x |")
     if any('memory' in r for r in results):
         print('\n| model | variant | step peak above live (MiB) | ratio | live before step (MiB) | total peak (MiB) | ratio |')
         print('|---|---|---|---|---|---|---|')
