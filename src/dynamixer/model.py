@@ -222,7 +222,8 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NHWC in is channels-last NCHW for the convolution, whose output is then channels-last
-        # too: the permute back is contiguous NHWC without a copy (see PatchEmbed)
+        # too: the permute back is contiguous NHWC without a copy (see PatchEmbed); the final
+        # contiguous() only copies on a backend that returns NCHW anyway
         x = self.proj(x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
         return x.permute(0, 2, 3, 1).contiguous()
 
