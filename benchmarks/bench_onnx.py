@@ -27,7 +27,7 @@ import timm
 import onnxruntime as ort
 
 import dynamixer
-from dynamixer.export import export_onnx, preprocessing_config, sample_batch
+from dynamixer.commands.export import export_onnx, preprocessing_config, sample_batch
 
 BEGIN, END = '<!-- BENCH_ONNX:BEGIN -->', '<!-- BENCH_ONNX:END -->'
 

@@ -27,7 +27,7 @@ import torch
 import dynamixer  # noqa: F401  (registers the models)
 from dynamixer.checkpoint import load_model
 from dynamixer.data import DigitsDataset, left_digit_datasets, preprocessing_transform, sample_images
-from dynamixer.export import export_onnx
+from dynamixer.commands.export import export_onnx
 from dynamixer.inference import OnnxClassifier, preprocessing_config, preprocessing_path
 from dynamixer.quantize import quantize_model, quantize_onnx
 

@@ -26,8 +26,8 @@ import timm
 import torch
 
 import dynamixer  # noqa: F401  (registers the models)
-from dynamixer.benchmark import machine_info
-from dynamixer.export import export_onnx
+from dynamixer.commands.benchmark import machine_info
+from dynamixer.commands.export import export_onnx
 from dynamixer.inference import INPUT_NAME, OUTPUT_NAME, ort_session, preprocessing_path
 from dynamixer.quantize import DEFAULT_KEEP_FLOAT, quantize_onnx
 

@@ -92,7 +92,7 @@ from dynamixer.cli import main as cli_main
 from dynamixer.data import sample_images
 from dynamixer.errors import DynaMixerError
 from dynamixer.recipes import resolve_config
-from dynamixer.train import train
+from dynamixer.commands.train import train
 
 try:  # the `onnx` extra; without it only the ONNX tests skip (through the onnx_export fixture)
     import onnx

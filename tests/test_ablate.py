@@ -12,7 +12,7 @@ import timm
 import torch
 
 from dynamixer import cli
-from dynamixer.ablate import VARIANTS, model_kwargs_for, summarize
+from dynamixer.commands.ablate import VARIANTS, model_kwargs_for, summarize
 
 
 def test_every_variant_builds_and_differs_only_in_its_option():
@@ -115,7 +115,7 @@ def test_ablate_explains_a_bad_folder(tmp_path, capsys):
 
 def test_ablate_flags_match_train(tmp_path):
     """--smoothing and --amp as `dynamixer train` spells them; the old spellings still parse."""
-    from dynamixer.ablate import DEFAULTS, train_config
+    from dynamixer.commands.ablate import DEFAULTS, train_config
     parser = cli.build_parser()
     args = parser.parse_args(['ablate', '--label-smoothing', '0.2', '--amp'])
     assert args.smoothing == 0.2 and args.amp == 'auto'

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from dynamixer import benchmark as bench
+from dynamixer.commands import benchmark as bench
 from dynamixer.engine import count_macs
 from helpers import block_import, cli_result as _cli
 

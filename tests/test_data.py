@@ -24,7 +24,7 @@ from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.data import DataError, build_datasets, to_rgb
 from dynamixer.data.digits import _compose, _load_digits, left_digit_split, make_left_digit_task
-from dynamixer.train import train
+from dynamixer.commands.train import train
 from dynamixer.recipes import ConfigError, RECIPES, resolve_config
 from helpers import (SRC, NUM_CLASSES, CLASS_NAMES, ATOL, _image, make_folder, config, weights, folder, trained,
                      _run_cli, _make_checkpoint, workdir, checkpoint, model, onnx_export, ts_export, real_batch,

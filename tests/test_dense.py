@@ -15,7 +15,7 @@ from dynamixer import pyramid_backbone  # noqa: E402
 from dynamixer.cli import build_parser, main  # noqa: E402
 from dynamixer.dense import (  # noqa: E402
     DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets)
-from dynamixer.dense.command import build_detector, evaluate, train_and_evaluate  # noqa: E402
+from dynamixer.commands.dense import build_detector, evaluate, train_and_evaluate  # noqa: E402
 from dynamixer.errors import DynaMixerError, MissingDependencyError  # noqa: E402
 from reference import NANO, make_authors_state_dict  # noqa: E402
 
@@ -272,7 +272,7 @@ def test_dense_command_bad_flags_are_refused_before_training(tmp_path, capsys):
         assert err.startswith('error: ') and message in err and 'Traceback' not in err, err
     assert not out.exists()
     with pytest.raises(DenseError, match='--warmup must'):   # a DynaMixerError (cli.main prints it)
-        from dynamixer.dense.command import run
+        from dynamixer.commands.dense import run
         run(build_parser().parse_args(['dense', '--steps', '5', '--warmup', '9']))
 
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynamixer import engine, hub, info
+from dynamixer import engine
+from dynamixer.commands import hub, info
 from dynamixer.engine import (NonFiniteLoss, Process, count_macs, evaluate, resolve_device, rng_state,
                               set_rng_state, train_one_epoch)
 

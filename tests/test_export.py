@@ -22,7 +22,7 @@ import dynamixer
 from dynamixer import cli
 from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
 from dynamixer.cli import main as cli_main
-from dynamixer.export import (
+from dynamixer.commands.export import (
     class_names_for, eval_transform, load_preprocessing, predict_onnx, preprocessing_config,
     preprocessing_path, sample_images,
 )
@@ -70,7 +70,7 @@ def test_onnx_checker_and_dynamic_batch_axis(onnx_export):
 def test_onnx_graph_form(onnx_export):
     """The default opset writes GELU as one operator, and `onnx_graph.softmax_on_last_axis` has
     moved every mixing softmax to the last axis (its own test: tests/test_onnx_graph.py)."""
-    from dynamixer.export import DEFAULT_OPSET
+    from dynamixer.commands.export import DEFAULT_OPSET
     proto = onnx.load(str(onnx_export[0]))
     assert {o.domain: o.version for o in proto.opset_import}[''] == DEFAULT_OPSET == 20
     ops = [n.op_type for n in proto.graph.node]
@@ -134,7 +134,7 @@ def test_safetensors_export_roundtrip(workdir, checkpoint, model):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=0)
     # `dynamixer predict -c nano.safetensors` reads the model and class names from the metadata
-    from dynamixer.predict import load_inference_model
+    from dynamixer.commands.predict import load_inference_model
     _, pinfo = load_inference_model(str(path))
     assert pinfo['class_names'] == CLASS_NAMES and pinfo['has_class_names']
     via_timm = timm.create_model('dynamixer_nano', pretrained=True, num_classes=NUM_CLASSES,
@@ -144,7 +144,7 @@ def test_safetensors_export_roundtrip(workdir, checkpoint, model):
 
 def test_export_reports_failure_beyond_tolerance(onnx_export, checkpoint, monkeypatch):
     """The command exits 1 and says so when the check fails (errors injected, no re-export)."""
-    from dynamixer import export
+    from dynamixer.commands import export
     path = onnx_export[0]
     fake = dict(path=path, preprocessing_path=preprocessing_path(path),
                 config=load_preprocessing(path), errors=dict(random=1e-7, real=3e-3))

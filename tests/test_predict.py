@@ -22,7 +22,7 @@ import dynamixer
 from dynamixer import cli
 from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
 from dynamixer.cli import main as cli_main
-from dynamixer.export import eval_transform, load_preprocessing, predict_onnx, sample_images
+from dynamixer.commands.export import eval_transform, load_preprocessing, predict_onnx, sample_images
 from helpers import (SRC, NUM_CLASSES, CLASS_NAMES, ATOL, _image, make_folder, config, weights, folder, trained,
                      _run_cli, _make_checkpoint, workdir, checkpoint, model, onnx_export, ts_export, real_batch,
                      _logits, image_files, onnx, ort, _add_bad_files)  # noqa: F401
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_predict_top_k_with_class_names(trained, folder, capsys, tmp_path):
-    from dynamixer.predict import format_predictions, preprocess, topk, load_inference_model
+    from dynamixer.commands.predict import format_predictions, preprocess, topk, load_inference_model
     from dynamixer.data import eval_transform
     ckpt = os.path.join(trained['output'], 'last.pth')
     imgs = [str(folder / 'val' / 'a' / '0.png'), str(folder / 'val' / 'b' / '1.png')]

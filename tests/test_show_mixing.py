@@ -8,7 +8,7 @@ from PIL import Image
 
 from dynamixer import cli
 from dynamixer.data.digits import make_left_digit_task
-from dynamixer.show_mixing import capture_mixing
+from dynamixer.commands.show_mixing import capture_mixing
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -26,7 +26,7 @@ from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.data import DataError, build_datasets, to_rgb
 from dynamixer.recipes import ConfigError, RECIPES, resolve_config
-from dynamixer.train import TrainingError, train
+from dynamixer.commands.train import TrainingError, train
 from helpers import (SRC, NUM_CLASSES, CLASS_NAMES, ATOL, _image, make_folder, config, weights, folder, trained,
                      _run_cli, _make_checkpoint, workdir, checkpoint, model, onnx_export, ts_export, real_batch,
                      _logits, image_files, onnx, ort, _add_bad_files)  # noqa: F401
@@ -237,7 +237,7 @@ def test_mixed_precision_on_cpu(folder, tmp_path, amp):
 
 def test_transfer_recipe_new_head_and_body_lr(trained, tmp_path):
     import timm
-    from dynamixer.train import _load_pretrained
+    from dynamixer.commands.train import _load_pretrained
     ckpt = os.path.join(trained['output'], 'last.pth')
     three = make_folder(tmp_path / 'three', classes=('a', 'b', 'c'), n_train=4, n_val=2)
     model = timm.create_model('dynamixer_nano', num_classes=3)
@@ -314,7 +314,7 @@ def test_embedded_digits_default_reaches_95_percent(tmp_path):
     run = tmp_path / 'runs' / 'digits-dynamixer_nano'
     assert os.path.exists(run / 'curves.png')
     # validate re-creates the same validation images and transform: the same accuracy and loss
-    from dynamixer.validate import validate
+    from dynamixer.commands.validate import validate
     r = validate(str(run / 'last.pth'), None, dataset='digits', workers=0)
     last = json.load(open(run / 'metrics.json'))[-1]
     assert r['top1'] == pytest.approx(last['val_top1']) and r['loss'] == pytest.approx(last['val_loss'], rel=1e-5)

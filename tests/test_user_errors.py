@@ -365,7 +365,7 @@ def test_missing_core_dependency_names_the_package(work, good_checkpoint, image,
 
 def test_hub_refusal_is_a_user_error(good_checkpoint, monkeypatch):
     """No token, no network, no such repository: huggingface_hub's OSErrors become one message."""
-    from dynamixer import hub
+    from dynamixer.commands import hub
 
     def refuse(*a, **k):
         raise OSError('401 Client Error: Unauthorized')
@@ -445,7 +445,7 @@ def test_resume_with_another_dataset_is_refused(finished_run):
 def test_resume_of_its_own_folder_with_output_is_allowed(finished_run, monkeypatch):
     """--output naming the resumed checkpoint's own folder is not 'another run' (the training
     itself is replaced: what is checked is that it gets past the folder check)."""
-    from dynamixer import train as train_module
+    from dynamixer.commands import train as train_module
     base, run = finished_run
     seen = {}
 
@@ -536,7 +536,7 @@ def test_empty_class_folder_in_validation_data(tmp_path, good_checkpoint):
 # ---- the error policy -------------------------------------------------------------------------------
 
 def test_an_unexpected_exception_is_a_bug_and_shown_in_full(monkeypatch):
-    import dynamixer.info as info
+    import dynamixer.commands.info as info
 
     def boom(args):
         raise ZeroDivisionError('a bug')

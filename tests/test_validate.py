@@ -56,7 +56,7 @@ def test_validate_authors_checkpoint_against_the_reference(folder, tmp_path):
     import argparse
     import timm
     from reference import NANO, make_authors_state_dict, reference_logits
-    from dynamixer.validate import validate
+    from dynamixer.commands.validate import validate
     w64 = make_authors_state_dict(**NANO, num_classes=2, scale=0.1)
     path = tmp_path / 'authors.pth.tar'
     torch.save({'state_dict': {'module.' + k: v.float() for k, v in w64.items()},
@@ -69,7 +69,7 @@ def test_validate_authors_checkpoint_against_the_reference(folder, tmp_path):
 
 def test_validate_matches_an_independent_evaluation(trained, folder, capsys):
     from dynamixer.checkpoint import load_model
-    from dynamixer.validate import validate
+    from dynamixer.commands.validate import validate
     ckpt = os.path.join(trained['output'], 'last.pth')
     r = validate(ckpt, str(folder), workers=0)
     model, info = load_model(ckpt)
@@ -85,7 +85,7 @@ def test_validate_matches_an_independent_evaluation(trained, folder, capsys):
 
 def test_validate_bare_state_dict_in_folder_order(trained, folder, tmp_path):
     """A checkpoint without class names (like the authors') labels by sorted folder names."""
-    from dynamixer.validate import validate
+    from dynamixer.commands.validate import validate
     sd = read_checkpoint(os.path.join(trained['output'], 'last.pth'))['state_dict']
     torch.save({'state_dict': {'module.' + k: v for k, v in sd.items()}}, tmp_path / 'bare.pth')
     r = validate(str(tmp_path / 'bare.pth'), str(folder), workers=0)
@@ -94,7 +94,7 @@ def test_validate_bare_state_dict_in_folder_order(trained, folder, tmp_path):
 
 
 def test_bad_checkpoints_for_validate_predict_resume(trained, folder, tmp_path, capsys):
-    from dynamixer.validate import validate
+    from dynamixer.commands.validate import validate
     good = os.path.join(trained['output'], 'last.pth')
     data = open(good, 'rb').read()
     (tmp_path / 'trunc.pth').write_bytes(data[: len(data) // 2])

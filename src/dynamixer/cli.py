@@ -21,19 +21,19 @@ from .errors import DynaMixerError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    'info': ('dynamixer.info', 'build every model, check it and print the model table'),
-    'train': ('dynamixer.train', 'train a model (default: dynamixer_nano on the embedded digits)'),
-    'validate': ('dynamixer.validate', 'top-1/top-5 accuracy and loss of a checkpoint on a data set'),
-    'predict': ('dynamixer.predict', 'classify image files with a checkpoint'),
-    'export': ('dynamixer.export', 'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
-    'push-to-hub': ('dynamixer.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
-    'ablate': ('dynamixer.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
+    'info': ('dynamixer.commands.info', 'build every model, check it and print the model table'),
+    'train': ('dynamixer.commands.train', 'train a model (default: dynamixer_nano on the embedded digits)'),
+    'validate': ('dynamixer.commands.validate', 'top-1/top-5 accuracy and loss of a checkpoint on a data set'),
+    'predict': ('dynamixer.commands.predict', 'classify image files with a checkpoint'),
+    'export': ('dynamixer.commands.export', 'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
+    'push-to-hub': ('dynamixer.commands.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
+    'ablate': ('dynamixer.commands.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
                                    'block) and tabulate top-1 over seeds'),
-    'benchmark': ('dynamixer.benchmark', 'throughput and latency of models (this library\'s and timm\'s) per '
+    'benchmark': ('dynamixer.commands.benchmark', 'throughput and latency of models (this library\'s and timm\'s) per '
                                          'runtime, precision and batch size'),
-    'dense': ('dynamixer.dense.command', 'train and evaluate detectors (torchvision) and a segmenter on '
+    'dense': ('dynamixer.commands.dense', 'train and evaluate detectors (torchvision) and a segmenter on '
                                          'the digits detection task, DynaMixer vs timm backbones'),
-    'show-mixing': ('dynamixer.show_mixing', 'draw the mixing matrices a trained model generates '
+    'show-mixing': ('dynamixer.commands.show_mixing', 'draw the mixing matrices a trained model generates '
                                              'for given images'),
 }
 

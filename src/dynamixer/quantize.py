@@ -36,7 +36,7 @@ that ``torch.ao.quantization`` is deprecated; torchao 0.18 installs and runs wit
 closer to float, but about 13x slower than float32 on this CPU -- see docs/deploy.md).
 
 The command side (``dynamixer export --quantize int8``: export, quantise, check against float)
-is `dynamixer.export.export_int8`; this module only quantises.
+is `dynamixer.commands.export.export_int8`; this module only quantises.
 """
 from __future__ import annotations
 

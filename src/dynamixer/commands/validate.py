@@ -14,10 +14,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .argtypes import non_negative_int, positive_int
-from .data import DataError, DigitsDataset, check_image_folder, eval_transform, find_split, image_folder_dataset
-from .engine import evaluate, resolve_device
-from .inference import OnnxClassifier, is_onnx_file, load_inference_model
+from ..argtypes import non_negative_int, positive_int
+from ..data import DataError, DigitsDataset, check_image_folder, eval_transform, find_split, image_folder_dataset
+from ..engine import evaluate, resolve_device
+from ..inference import OnnxClassifier, is_onnx_file, load_inference_model
 
 __all__ = ['validate', 'add_arguments', 'run']
 

@@ -28,17 +28,17 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import __version__
-from .argtypes import Bounded, non_negative_float, positive_int
-from .checkpoint import load_model
-from .data import class_names_for, preprocessing_transform, sample_images
-from .errors import DynaMixerError, require
-from .files import (OutputError, atomic_write, atomic_write_text, check_output_file, safetensors_metadata,
+from .. import __version__
+from ..argtypes import Bounded, non_negative_float, positive_int
+from ..checkpoint import load_model
+from ..data import class_names_for, preprocessing_transform, sample_images
+from ..errors import DynaMixerError, require
+from ..files import (OutputError, atomic_write, atomic_write_text, check_output_file, safetensors_metadata,
                     save_safetensors)
-from .inference import (INPUT_NAME, OUTPUT_NAME, PREPROCESSING_SUFFIX, OnnxClassifier, is_onnx_file,
+from ..inference import (INPUT_NAME, OUTPUT_NAME, PREPROCESSING_SUFFIX, OnnxClassifier, is_onnx_file,
                         load_preprocessing, ort_session, predict_onnx, preprocessing_config, preprocessing_path)
-from .onnx_graph import softmax_on_last_axis
-from .quantize import DEFAULT_KEEP_FLOAT, check_parts, compare_logits, quantize_model, quantize_onnx
+from ..onnx_graph import softmax_on_last_axis
+from ..quantize import DEFAULT_KEEP_FLOAT, check_parts, compare_logits, quantize_model, quantize_onnx
 
 PathLike = Union[str, os.PathLike]
 

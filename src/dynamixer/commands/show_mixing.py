@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .argtypes import OrWord, non_negative_int, positive_int
-from .checkpoint import load_model
-from .data import class_names_for, left_digit_datasets, load_image
-from .data.digits import make_left_digit_task
-from .errors import UsageError, require
-from .files import atomic_write, check_output_file
-from .model import DynaMixerBlock, DynaMixerOp
+from ..argtypes import OrWord, non_negative_int, positive_int
+from ..checkpoint import load_model
+from ..data import class_names_for, left_digit_datasets, load_image
+from ..data.digits import make_left_digit_task
+from ..errors import UsageError, require
+from ..files import atomic_write, check_output_file
+from ..model import DynaMixerBlock, DynaMixerOp
 
 __all__ = ['capture_mixing', 'load_images', 'plot_mixing']
 

@@ -1,7 +1,7 @@
 """`dynamixer ablate`: does dynamic mixing help? Train a grid of variants, same recipe and data.
 
 Every variant is the same timm model with different constructor options (``model_kwargs``); no
-model code is copied. Every run is an ordinary `dynamixer.train.train` run (its loop, checkpoint
+model code is copied. Every run is an ordinary `dynamixer.commands.train.train` run (its loop, checkpoint
 format and flags) with the variant's options as ``model_options``; this module holds the grid,
 the reuse of finished runs, the sharing of runs over ranks, the tables and the plot. Each (variant, seed) run trains from scratch with the same data, the same
 recipe and, for a given seed, the same initialisation seed and batch order. The command writes
@@ -37,13 +37,13 @@ import torch.distributed as dist
 
 import timm
 
-from .argtypes import non_negative_int, positive_int
-from .data import build_datasets
-from .engine import Process, count_macs, setup_process
-from .errors import UsageError, require
-from .files import check_output_folder
-from .model import MODEL_ARGS
-from .recipes import RANGES, resolve_config
+from ..argtypes import non_negative_int, positive_int
+from ..data import build_datasets
+from ..engine import Process, count_macs, setup_process
+from ..errors import UsageError, require
+from ..files import check_output_folder
+from ..model import MODEL_ARGS
+from ..recipes import RANGES, resolve_config
 from .train import train
 
 # The grid. The baseline is dynamixer_nano as registered: S = (4, 8, 8, 8) per stage, d = 2,

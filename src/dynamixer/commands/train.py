@@ -35,17 +35,17 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler
 
-from . import __version__
-from .checkpoint import CheckpointError, read_checkpoint
-from .data import DataError, build_datasets, build_transforms
-from .engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
+from .. import __version__
+from ..checkpoint import CheckpointError, read_checkpoint
+from ..data import DataError, build_datasets, build_transforms
+from ..engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
                      setup_process, train_one_epoch, worker_init)
-from .errors import DynaMixerError
-from .files import check_output_folder
-from .layout import unwrap_state_dict
-from .model import checkpoint_filter_fn
-from .recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
-from .runlog import RunLog, atomic_torch_save, save_safetensors
+from ..errors import DynaMixerError
+from ..files import check_output_folder
+from ..layout import unwrap_state_dict
+from ..model import checkpoint_filter_fn
+from ..recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
+from ..runlog import RunLog, atomic_torch_save, save_safetensors
 
 _logger = logging.getLogger('dynamixer.train')
 

@@ -11,7 +11,7 @@ them alike; reported are medians over the rounds. Results follow the column name
 ``threads``, ``rounds`` and ``status``.
 
 Runtimes: ``eager``; ``compile`` (torch.compile, default inductor); ``onnx`` (the model exported
-by `dynamixer.export.export_onnx`, run by ONNX Runtime on the CPU); ``int8`` (that ONNX file
+by `dynamixer.commands.export.export_onnx`, run by ONNX Runtime on the CPU); ``int8`` (that ONNX file
 after `dynamixer.quantize.quantize_onnx`, dynamic, the default parts kept in float);
 ``int8-torch`` (`dynamixer.quantize.quantize_model`, torch.ao dynamic int8 Linear layers, eager)
 and ``int8-torchao`` (the same with torchao). Multiply-adds are counted by
@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-from . import __version__
-from .argtypes import non_negative_int, positive_int
-from .engine import count_macs
-from .errors import DynaMixerError, require
+from .. import __version__
+from ..argtypes import non_negative_int, positive_int
+from ..engine import count_macs
+from ..errors import DynaMixerError, require
 from .export import export_onnx
-from .inference import INPUT_NAME, OUTPUT_NAME, ort_session, preprocessing_path
-from .quantize import quantize_model, quantize_onnx
+from ..inference import INPUT_NAME, OUTPUT_NAME, ort_session, preprocessing_path
+from ..quantize import quantize_model, quantize_onnx
 
 __all__ = ['RUNTIMES', 'PRECISIONS', 'CSV_COLUMNS', 'MACS_TOOL', 'check_model_names', 'check_runtimes',
            'machine_info', 'benchmark', 'write_csv', 'read_results', 'markdown_table', 'update_markdown',

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from ..errors import require
 from ..argtypes import Bounded, non_negative_int, positive_float, positive_int
 from ..files import atomic_write_text, check_output_folder, validate_checkpoint_file
-from .backbone import PYRAMIDS, DenseError, PyramidBackbone, detector_kwargs, pyramid_backbone
-from .digits_detection import CLASS_NAMES, NUM_CLASSES, DigitsDetection, validate_targets
-from .segmentation import SegmentationModel
+from ..dense.backbone import PYRAMIDS, DenseError, PyramidBackbone, detector_kwargs, pyramid_backbone
+from ..dense.digits_detection import CLASS_NAMES, NUM_CLASSES, DigitsDetection, validate_targets
+from ..dense.segmentation import SegmentationModel
 
 __all__ = ['build_detector', 'train_and_evaluate', 'DETECTORS', 'add_arguments', 'run']
 

@@ -13,9 +13,9 @@ from typing import Any, List, Tuple
 
 import torch
 
-from .argtypes import positive_int
-from .data import class_names_for, eval_transform
-from .inference import OnnxClassifier, format_predictions, is_onnx_file, load_inference_model, preprocess, topk
+from ..argtypes import positive_int
+from ..data import class_names_for, eval_transform
+from ..inference import OnnxClassifier, format_predictions, is_onnx_file, load_inference_model, preprocess, topk
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
            'add_arguments', 'run']

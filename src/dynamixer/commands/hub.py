@@ -24,11 +24,11 @@ from timm.data import ImageNetInfo
 from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
-from .checkpoint import load_model, read_checkpoint
-from .engine import count_macs
-from .errors import DynaMixerError, require
-from .files import check_output_folder
-from .model import MODEL_ARGS
+from ..checkpoint import load_model, read_checkpoint
+from ..engine import count_macs
+from ..errors import DynaMixerError, require
+from ..files import check_output_folder
+from ..model import MODEL_ARGS
 
 PathLike = Union[str, os.PathLike]
 

@@ -7,8 +7,8 @@ import torch
 
 import timm
 
-from .engine import count_macs
-from .model import MODEL_ARGS
+from ..engine import count_macs
+from ..model import MODEL_ARGS
 
 # reported ImageNet-1K top-1 of the published sizes (spec section 3)
 REPORTED_TOP1 = {'dynamixer_s': 82.7, 'dynamixer_m': 83.7, 'dynamixer_l': 84.3}
