@@ -1,28 +1,14 @@
-"""dynamixer.engine: devices, RNG state, evaluate, one training epoch, multiply-add counting."""
+"""dynamixer.engine: devices, RNG state, evaluate, one training epoch."""
 import random
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dynamixer import engine
-from dynamixer.commands import hub, info
-from dynamixer.engine import (NonFiniteLoss, Process, count_macs, evaluate, resolve_device, rng_state,
+from dynamixer.engine import (NonFiniteLoss, Process, evaluate, resolve_device, rng_state,
                               set_rng_state, train_one_epoch)
-
-
-def test_count_macs_is_half_the_flop_count_and_the_same_for_every_caller():
-    """One counter: info's GMACs and the hub card's MACs (README / BENCHMARKS numbers) come from it."""
-    m = timm.create_model('dynamixer_nano', num_classes=10).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as c:
-        m(torch.randn(1, 3, 32, 32))
-    assert count_macs(m) == c.get_total_flops() // 2 == count_macs(m, (3, 32, 32))
-    assert hub.count_macs is engine.count_macs
-    assert info.model_stats('dynamixer_nano')['gmacs'] == pytest.approx(count_macs(
-        timm.create_model('dynamixer_nano')) / 1e9, rel=0, abs=0)
 
 
 def test_evaluate_matches_a_direct_computation():

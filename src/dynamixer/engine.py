@@ -1,5 +1,5 @@
 """What training, validation and the ablation grid share: processes and devices, randomness,
-one training epoch, evaluation and multiply-add counting.
+one training epoch and evaluation (multiply-adds are counted by `dynamixer.measure.count_macs`).
 
 Nothing here parses flags or writes files; the commands (`train`, `validate`, `ablate`) do.
 """
@@ -17,13 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 from timm.utils import dispatch_clip_grad
 
 from .errors import DynaMixerError
 
 __all__ = ['Process', 'DeviceError', 'resolve_device', 'setup_process', 'seed_epoch', 'worker_init',
-           'rng_state', 'set_rng_state', 'resolve_amp', 'evaluate', 'train_one_epoch', 'count_macs',
+           'rng_state', 'set_rng_state', 'resolve_amp', 'evaluate', 'train_one_epoch',
            'NonFiniteLoss']
 
 
@@ -259,15 +258,3 @@ def train_one_epoch(
     return dict(step=step, lr=lr, train_loss=loss_sum / max(steps, 1), images=images,
                 seconds=time.perf_counter() - start)
 
-
-# ---- cost ---------------------------------------------------------------------------------------
-
-def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
-    """Multiply-adds of one image (torch's FLOP counter / 2) at `input_size` (C, H, W); default
-    the model's own (``in_chans``, ``img_size``). Puts the model in eval mode."""
-    if input_size is None:
-        input_size = (model.in_chans, *model.img_size)
-    model = model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_size))
-    return int(counter.get_total_flops() // 2)

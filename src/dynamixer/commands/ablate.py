@@ -30,17 +30,17 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 import timm
 
-from .. import experiments
+from .. import experiments, measure
 from ..argtypes import non_negative_int, positive_int
 from ..data import build_datasets
-from ..engine import Process, count_macs, setup_process
+from ..engine import Process, setup_process
 from ..errors import UsageError, require
 from ..files import check_output_folder
 from ..model import MODEL_ARGS
@@ -220,23 +220,17 @@ def train_run(name: str, options: Dict[str, Any], seed: int, cfg: Dict[str, Any]
 
 def measure_speed(models: Dict[str, torch.nn.Module], input_size: Sequence[int], batch: int,
                   rounds: int, device: torch.device) -> Dict[str, float]:
-    """Inference images/s of each model: the models are timed interleaved, round by round, in
-    one process, so a change of machine load hits all of them alike; median over rounds."""
+    """Inference images/s of each model, timed in interleaved rounds in one process (so that a
+    change of machine load hits all of them alike); median over rounds."""
     x = torch.randn(batch, *input_size, device=device)
-    times: Dict[str, List[float]] = {k: [] for k in models}
+
+    def infer(m: torch.nn.Module) -> Callable[[], Any]:
+        m = m.eval().to(device)
+        return lambda: m(x)
     with torch.no_grad():
-        for m in models.values():  # warm-up
-            m.eval().to(device)(x)
-        for _ in range(rounds):
-            for k, m in models.items():
-                if device.type == 'cuda':
-                    torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                m(x)
-                if device.type == 'cuda':
-                    torch.cuda.synchronize(device)
-                times[k].append(time.perf_counter() - t)
-    return {k: batch / statistics.median(v) for k, v in times.items()}
+        times = measure.interleaved_rounds({k: infer(m) for k, m in models.items()}, rounds, warmup=1,
+                                           timer=lambda fn: measure.wall_time(fn, device))
+    return {k: batch / measure.median(v) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +439,7 @@ def report(out: str, runs: List[Dict[str, Any]], variants: Sequence[str], grid: 
         torch.manual_seed(0)
         m = timm.create_model(cfg['model'], **kw)
         costs[v] = dict(options=grid[v], params=sum(p.numel() for p in m.parameters()),
-                        macs=count_macs(m, (in_chans, img_size, img_size)), images_per_s=float('nan'))
+                        macs=measure.count_macs(m, (in_chans, img_size, img_size)), images_per_s=float('nan'))
         models[v] = m
     if speed and models:
         for v, ips in measure_speed(models, (in_chans, img_size, img_size), cfg['speed_batch'],

@@ -15,7 +15,8 @@ by `dynamixer.commands.export.export_onnx`, run by ONNX Runtime on the CPU); ``i
 after `dynamixer.quantize.quantize_onnx`, dynamic, the default parts kept in float);
 ``int8-torch`` (`dynamixer.quantize.quantize_model`, torch.ao dynamic int8 Linear layers, eager)
 and ``int8-torchao`` (the same with torchao). Multiply-adds are counted by
-`dynamixer.engine.count_macs` (``MACS_TOOL``).
+`dynamixer.measure.count_macs` (``MACS_TOOL``); machine information, the interleaved rounds and
+the document markers are `dynamixer.measure`'s.
 
 The markdown table can be written into a document between two marker lines
 (``--markdown DOC --section NAME``), and rebuilt from an earlier ``--json`` without measuring
@@ -24,18 +25,12 @@ The markdown table can be written into a document between two marker lines
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import csv
 import difflib
-import importlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -46,13 +41,13 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-from .. import __version__
+from .. import experiments
 from ..argtypes import non_negative_int, positive_int
-from ..engine import count_macs
 from ..errors import DynaMixerError, require
-from .export import export_onnx
 from ..inference import INPUT_NAME, OUTPUT_NAME, ort_session, preprocessing_path
+from ..measure import END_MARKER, MARKER, count_macs, interleaved_rounds, machine_info, sync, update_markdown, wall_time
 from ..quantize import quantize_model, quantize_onnx
+from .export import export_onnx
 
 __all__ = ['RUNTIMES', 'PRECISIONS', 'CSV_COLUMNS', 'MACS_TOOL', 'check_model_names', 'check_runtimes',
            'machine_info', 'benchmark', 'write_csv', 'read_results', 'markdown_table', 'update_markdown',
@@ -63,15 +58,13 @@ CPU_ONLY = ('onnx', 'int8', 'int8-torch', 'int8-torchao')  # float32 input, CPU 
 TRAINABLE = ('eager', 'compile')
 PRECISIONS = {'float32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 MACS_TOOL = ('torch.utils.flop_counter.FlopCounterMode (matmul, bmm and convolution FLOPs / 2), '
-             'one float32 image, via dynamixer.engine.count_macs')
+             'one float32 image, via dynamixer.measure.count_macs')
 CSV_COLUMNS = [
     'model', 'runtime', 'precision', 'channels_last', 'device', 'threads',
     'infer_samples_per_sec', 'infer_step_time', 'infer_batch_size', 'infer_img_size', 'infer_gmacs',
     'train_samples_per_sec', 'train_step_time', 'train_batch_size', 'train_img_size',
     'param_count', 'rounds', 'status',
 ]
-MARKER = '<!-- dynamixer benchmark: {} -->'       # the table goes between this line ...
-END_MARKER = '<!-- /dynamixer benchmark: {} -->'  # ... and this one
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,33 +101,6 @@ def check_runtimes(runtimes: Sequence[str], device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
-
-def machine_info(device: torch.device) -> Dict[str, Any]:
-    """Machine, library versions and threads, for the record printed before the table."""
-    info: Dict[str, Any] = dict(
-        machine=platform.machine(), system=platform.system(), python=platform.python_version(),
-        cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
-        dynamixer=__version__, device=str(device), date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
-    with contextlib.suppress(OSError):
-        with open('/proc/cpuinfo', encoding='utf-8') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    info['cpu'] = line.split(':', 1)[1].strip()
-                    break
-    with contextlib.suppress(AttributeError, OSError):
-        info['load_avg'] = [round(v, 2) for v in os.getloadavg()]
-    for module in ('onnxruntime', 'torchao'):
-        with contextlib.suppress(ImportError):
-            info[module] = importlib.import_module(module).__version__
-    if device.type == 'cuda':
-        info['gpu'] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
 
 def _is_oom(e: BaseException) -> bool:
     """Out of memory, as PyTorch (CUDA or CPU allocator) and ONNX Runtime say it."""
@@ -201,16 +167,6 @@ class _Variant:
 def _wants(args: argparse.Namespace, kind: str) -> bool:
     """Does --bench (infer / train / both) ask for `kind`?"""
     return args.bench in (kind, 'both')
-
-
-def _timed(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
-    """Seconds per call, over `iters` calls."""
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / iters
 
 
 class _Progress:
@@ -323,24 +279,24 @@ def benchmark(args: argparse.Namespace,
                         for kind, fn in kinds:
                             for _ in range(args.warmup):
                                 fn()
-                            _sync(device)
+                            sync(device)
                             fns[(v.name, kind)] = fn
                     except Exception as e:  # out of memory, or a runtime that fails on this model
                         failed[v.name] = _failure(e)
                         if device.type == 'cuda':
                             torch.cuda.empty_cache()
-                times: Dict[Tuple[str, str], List[float]] = {k: [] for k in fns}
-                for r in range(args.rounds):
-                    progress(f'[{mi + 1}/{len(names)}] {name} batch {bs}: round {r + 1}/{args.rounds}')
-                    for key in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-                        if key[0] in failed:
-                            continue
-                        try:
-                            times[key].append(_timed(fns[key], device, args.iters))
-                        except Exception as e:
-                            failed[key[0]] = _failure(e)
-                            if device.type == 'cuda':
-                                torch.cuda.empty_cache()
+
+                def fail(key: Tuple[str, str], e: Exception) -> None:
+                    failed[key[0]] = _failure(e)
+                    if device.type == 'cuda':
+                        torch.cuda.empty_cache()
+
+                progress(f'[{mi + 1}/{len(names)}] {name} batch {bs}: {args.rounds} rounds')
+                times = interleaved_rounds(
+                    fns, args.rounds, timer=lambda fn: wall_time(fn, device, args.iters),
+                    after_round=lambda r: progress(f'[{mi + 1}/{len(names)}] {name} batch {bs}: '
+                                                   f'round {r + 1}/{args.rounds} done'),
+                    skip=lambda key: key[0] in failed, on_error=fail)
                 fns.clear()  # free this batch size's inputs before the next
                 for v in variants:
                     row: Dict[str, Any] = dict(
@@ -370,12 +326,8 @@ def benchmark(args: argparse.Namespace,
 # --------------------------------------------------------------------------------------------
 
 def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
-    """Rows with CSV_COLUMNS (missing values empty)."""
-    with open(path, 'w', newline='', encoding='utf-8') as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, '') for k in CSV_COLUMNS})
+    """Rows with CSV_COLUMNS (missing values empty), written atomically."""
+    experiments.write_csv(rows, path, CSV_COLUMNS)
 
 
 def read_results(path: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[str]]:
@@ -442,25 +394,6 @@ def header_lines(info: Dict[str, Any]) -> List[str]:
         f'timing: medians over {args.rounds} interleaved rounds of {args.iters} calls '
         f'(after {args.warmup} warm-up calls)',
     ]
-
-
-def update_markdown(doc: str, section: str, text: str) -> bool:
-    """Put `text` between the section's marker lines in `doc` (MARKER / END_MARKER); a `doc`
-    that does not exist is written with the markers. Returns True when an existing file was
-    updated. DynaMixerError when the file exists without the markers."""
-    start, end = MARKER.format(section), END_MARKER.format(section)
-    block = f'{start}\n{text.rstrip()}\n{end}'
-    path = Path(doc)
-    if not path.exists():
-        path.write_text(block + '\n', encoding='utf-8')
-        return False
-    old = path.read_text(encoding='utf-8')
-    i, j = old.find(start), old.find(end)
-    if i < 0 or j < i:
-        raise DynaMixerError(f'{doc} has no place for the table: add the two lines\n{start}\n{end}\n'
-                             f'where it belongs (or choose another --section)')
-    path.write_text(old[:i] + block + old[j + len(end):], encoding='utf-8')
-    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -537,8 +470,7 @@ def run(args: argparse.Namespace) -> int:
         write_csv(rows, args.csv)
         print(f'wrote {args.csv}')
     if args.json and not args.from_json:
-        with open(args.json, 'w', encoding='utf-8') as f:
-            json.dump(dict(info=info, macs_tool=MACS_TOOL, notes=notes, results=rows), f, indent=1)
+        experiments.write_json(dict(info=info, macs_tool=MACS_TOOL, notes=notes, results=rows), args.json)
         print(f'wrote {args.json}')
     if args.markdown:
         text = '\n'.join(['```'] + header_lines(info) + ['```', '', table]

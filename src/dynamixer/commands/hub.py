@@ -25,7 +25,7 @@ from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
 from ..checkpoint import load_model, read_checkpoint
-from ..engine import count_macs
+from ..measure import count_macs
 from ..errors import DynaMixerError, require
 from ..files import check_output_folder
 from ..model import MODEL_ARGS

@@ -7,7 +7,7 @@ import torch
 
 import timm
 
-from ..engine import count_macs
+from ..measure import count_macs
 from ..model import MODEL_ARGS
 
 # reported ImageNet-1K top-1 of the published sizes (spec section 3)
