@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import struct
 import tempfile
 import threading
 import zipfile
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -256,6 +257,13 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 def atomic_write_text(text: str, path: PathLike) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save_figure(fig: Any, path: PathLike, **savefig_kwargs: Any) -> None:
+    """A matplotlib figure as PNG at `path`, atomically (rendered in memory first)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', **savefig_kwargs)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 # --------------------------------------------------------------------------------------------

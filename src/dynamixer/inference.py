@@ -24,12 +24,12 @@ from torch import nn
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .data import DataError, class_names_for, load_image, preprocessing_transform
 from .errors import DynaMixerError, MissingFileError, require
-from .files import read_safetensors_metadata
+from .files import atomic_write_text, read_safetensors_metadata
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
-           'preprocessing_config', 'preprocessing_path', 'load_preprocessing', 'is_onnx_file', 'ort_session',
+           'preprocessing_config', 'preprocessing_path', 'save_preprocessing', 'load_preprocessing', 'is_onnx_file', 'ort_session',
            'OnnxClassifier', 'predict_onnx', 'PREPROCESSING_SUFFIX', 'INPUT_NAME', 'OUTPUT_NAME']
 
 PREPROCESSING_SUFFIX = '.preprocessing.json'
@@ -128,6 +128,14 @@ def preprocessing_path(model_path: PathLike) -> Path:
     """``dir/name.onnx`` -> ``dir/name.onnx.preprocessing.json`` (one per exported file)."""
     p = Path(model_path)
     return p.with_name(p.name + PREPROCESSING_SUFFIX)
+
+
+def save_preprocessing(config: Dict[str, Any], model_path: PathLike) -> Path:
+    """Write `config` as the preprocessing JSON next to an exported model file, atomically (the
+    one writer of these files); returns its path."""
+    path = preprocessing_path(model_path)
+    atomic_write_text(json.dumps(config, indent=2) + '\n', path)
+    return path
 
 
 def load_preprocessing(model_path: PathLike) -> Dict[str, Any]:

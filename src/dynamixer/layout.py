@@ -16,7 +16,7 @@ in order (``network.k.proj.*`` for a transition, ``network.k.j.*`` for the layer
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 

@@ -54,7 +54,8 @@ from torch import nn
 
 from .data import IMAGE_EXTENSIONS, DataError, preprocessing_transform
 from .errors import DynaMixerError, require
-from .inference import INPUT_NAME, load_preprocessing, preprocess, preprocessing_path
+from .files import atomic_write
+from .inference import INPUT_NAME, load_preprocessing, preprocess, save_preprocessing
 
 __all__ = [
     'PARTS', 'DEFAULT_KEEP_FLOAT', 'MODES', 'STATIC_OP_TYPES', 'node_parts', 'check_parts',
@@ -236,7 +237,7 @@ def quantize_onnx(
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_in = src
+        model_in, quantized = src, Path(tmp) / 'int8.onnx'  # then written to dst atomically
         if preprocess:
             from onnxruntime.quantization.shape_inference import quant_pre_process
             model_in = Path(tmp) / 'pre.onnx'
@@ -252,30 +253,29 @@ def quantize_onnx(
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             if mode == 'dynamic':
-                quantize_dynamic(os.fspath(model_in), os.fspath(dst), op_types_to_quantize=op_types,
+                quantize_dynamic(os.fspath(model_in), os.fspath(quantized), op_types_to_quantize=op_types,
                                  per_channel=per_channel, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
             else:
                 reader = _reader(config.get('input_name', INPUT_NAME), batches)
-                quantize_static(os.fspath(model_in), os.fspath(dst), reader,
+                quantize_static(os.fspath(model_in), os.fspath(quantized), reader,
                                 quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
                                 per_channel=per_channel, activation_type=QuantType.QInt8,
                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                                 calibrate_method=CalibrationMethod.MinMax,
                                 extra_options={'ActivationSymmetric': False, 'WeightSymmetric': True})
+        out = onnx.load(os.fspath(quantized))
     config['quantization'] = dict(
         dtype='int8', mode=mode, tool=f'onnxruntime {ort.__version__}', per_channel=per_channel,
         op_types=op_types, keep_float=keep, calibration_images=n_images if mode == 'static' else None,
         float_file=src.name)
     config_text = json.dumps(config, indent=2)
-    out = onnx.load(os.fspath(dst))
     del out.metadata_props[:]
     for k, v in (('preprocessing', config_text), ('model', str(config.get('model')))):
         entry = out.metadata_props.add()
         entry.key, entry.value = k, v
-    onnx.save_model(out, os.fspath(dst))
+    atomic_write(dst, lambda f: f.write(out.SerializeToString()))
     onnx.checker.check_model(os.fspath(dst), full_check=True)
-    pre_path = preprocessing_path(dst)
-    pre_path.write_text(config_text + '\n', encoding='utf-8')
+    pre_path = save_preprocessing(config, dst)
     int8 = _quantized(out, parts)
     total = {p: sum(1 for q in parts.values() if q == p) for p in PARTS}
     return dict(path=dst, preprocessing_path=pre_path, config=config,

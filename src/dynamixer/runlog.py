@@ -4,12 +4,10 @@ version).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,7 +17,7 @@ from tqdm import tqdm
 from .errors import require
 
 from . import files
-from .files import OutputError, atomic_torch_save, atomic_write, atomic_write_text, safetensors_metadata
+from .files import OutputError, atomic_save_figure, atomic_torch_save, atomic_write_text, safetensors_metadata
 
 __all__ = ['RunLog', 'atomic_torch_save', 'atomic_write_text', 'save_safetensors', 'plot_history']
 
@@ -155,7 +153,5 @@ def plot_history(history: List[Dict[str, Any]], path: str) -> None:
         if len(epochs) < 15:
             ax.set_xticks(epochs)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png')
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))

@@ -42,7 +42,7 @@ from ..argtypes import non_negative_int, positive_int
 from ..data import build_datasets
 from ..engine import Process, setup_process
 from ..errors import UsageError, require
-from ..files import check_output_folder
+from ..files import atomic_save_figure, check_output_folder
 from ..model import MODEL_ARGS
 from ..recipes import RANGES, resolve_config
 from .train import train
@@ -333,7 +333,7 @@ def plot(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], title
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = os.path.join(out, 'ablation.png')
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -44,7 +44,7 @@ from torch import nn
 from .. import experiments
 from ..argtypes import non_negative_int, positive_int
 from ..errors import DynaMixerError, require
-from ..inference import INPUT_NAME, OUTPUT_NAME, ort_session, preprocessing_path
+from ..inference import INPUT_NAME, OUTPUT_NAME, ort_session, save_preprocessing
 from ..measure import END_MARKER, MARKER, count_macs, interleaved_rounds, machine_info, sync, update_markdown, wall_time
 from ..quantize import quantize_model, quantize_onnx
 from .export import export_onnx
@@ -113,9 +113,8 @@ def _export_for_runtime(model: nn.Module, input_size: Sequence[int], path: Path)
     """Any image model to ONNX (dynamic batch) plus the small preprocessing JSON that
     `quantize_onnx` reads (input name and size)."""
     export_onnx(model, path, input_size=input_size)
-    preprocessing_path(path).write_text(json.dumps(dict(
-        input_name=INPUT_NAME, output_name=OUTPUT_NAME, input_size=list(input_size),
-        num_classes=int(getattr(model, 'num_classes', 0)))), encoding='utf-8')
+    save_preprocessing(dict(input_name=INPUT_NAME, output_name=OUTPUT_NAME, input_size=list(input_size),
+                            num_classes=int(getattr(model, 'num_classes', 0))), path)
 
 
 class _Variant:

@@ -33,10 +33,11 @@ from ..argtypes import Bounded, non_negative_float, positive_int
 from ..checkpoint import load_model
 from ..data import class_names_for, preprocessing_transform, sample_images
 from ..errors import DynaMixerError, require
-from ..files import (OutputError, atomic_write, atomic_write_text, check_output_file, safetensors_metadata,
+from ..files import (OutputError, atomic_write, check_output_file, safetensors_metadata,
                     save_safetensors)
 from ..inference import (INPUT_NAME, OUTPUT_NAME, PREPROCESSING_SUFFIX, OnnxClassifier, is_onnx_file,
-                        load_preprocessing, ort_session, predict_onnx, preprocessing_config, preprocessing_path)
+                        load_preprocessing, ort_session, predict_onnx, preprocessing_config, preprocessing_path,
+                         save_preprocessing)
 from ..onnx_graph import softmax_on_last_axis
 from ..quantize import DEFAULT_KEEP_FLOAT, check_parts, compare_logits, quantize_model, quantize_onnx
 
@@ -220,8 +221,7 @@ def export_checkpoint(
         random_inputs = torch.randn(3, *config['input_size'], generator=gen)
         errors['random'] = check(output, model, random_inputs)
         errors['real'] = check(output, model, sample_batch(config))
-    pre_path = preprocessing_path(output)
-    atomic_write_text(config_text + '\n', pre_path)
+    pre_path = save_preprocessing(config, output)
     return dict(path=output, preprocessing_path=pre_path, config=config, errors=errors)
 
 
@@ -296,8 +296,7 @@ def export_int8(
         qmodel = quantize_model(reference, backend='torch.ao', keep_float=keep)
         text = json.dumps(config, indent=2)
         export_torchscript(qmodel, output, extra_files={'preprocessing.json': text})
-        pre = preprocessing_path(output)
-        pre.write_text(text + '\n', encoding='utf-8')
+        pre = save_preprocessing(config, output)
         result.update(preprocessing_path=pre, config=config, reference='float PyTorch')
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')

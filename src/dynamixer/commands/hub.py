@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from timm.data import ImageNetInfo
@@ -27,7 +27,7 @@ from timm.models._hub import generate_readme
 from ..checkpoint import load_model, read_checkpoint
 from ..measure import count_macs
 from ..errors import DynaMixerError, require
-from ..files import check_output_folder
+from ..files import atomic_write_text, check_output_folder
 from ..model import MODEL_ARGS
 
 PathLike = Union[str, os.PathLike]
@@ -193,7 +193,7 @@ def save_hub_folder(
     save_for_hf(model, directory, model_config=model_config, model_args=model_args, safe_serialization=True)
     card = model_card(model, info, repo_id)
     readme = generate_readme(card, (repo_id or info['model']).split('/')[-1])
-    (directory / 'README.md').write_text(readme, encoding='utf-8')
+    atomic_write_text(readme, directory / 'README.md')
     return directory
 
 

@@ -8,7 +8,6 @@ shows, per image, the input with the chosen column and row marked, then the S he
 matrices of that column and the S width-branch matrices of that row.
 """
 import argparse
-import io
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..checkpoint import load_model
 from ..data import class_names_for, left_digit_datasets, load_image
 from ..data.digits import make_left_digit_task
 from ..errors import UsageError, require
-from ..files import atomic_write, check_output_file
+from ..files import atomic_save_figure, check_output_file
 from ..model import DynaMixerBlock, DynaMixerOp
 
 __all__ = ['capture_mixing', 'load_images', 'plot_mixing']
@@ -158,10 +157,8 @@ def plot_mixing(
     fig.colorbar(im, cax=cax).set_label('mixing weight P[i, j] (each column sums to 1)', fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=110)
+    atomic_save_figure(fig, out, dpi=110)
     plt.close(fig)
-    atomic_write(out, lambda f: f.write(buf.getvalue()))
     return out
 
 
