@@ -23,20 +23,18 @@ the quicker comparison of the kernels across thread counts.
     python benchmarks/bench_kernels.py --models dynamixer_s dynamixer_nano --latency-only
 """
 import argparse
-import os
-import sys
-import time
+import copy
 from typing import Callable, Dict, List, Optional
 
+import timm
 import torch
+# next to this script: the reference network and bench_speed's training step and variant settings
+from baseline import baseline_model
+from bench_speed import TrainStep, variant_mode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baseline import baseline_model  # noqa: E402
-from bench_speed import (TrainStep, _copy, check_equal, count_macs, matmul_rate, median,  # noqa: E402
-                         variant_mode)
-
-import timm  # noqa: E402
-from dynamixer.ops import cpu_kernels, dispatch  # noqa: E402
+from dynamixer.measure import (check_same_function, count_macs, interleaved_rounds, load_average, matmul_rate,
+                               median)
+from dynamixer.ops import cpu_kernels, dispatch
 
 
 def _all_sizes_copy(lib: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -50,12 +48,6 @@ def _all_sizes_copy(lib: torch.nn.Module, name: str) -> torch.nn.Module:
         dispatch.FAST_PATH_MIN_TOKENS = saved
     m.load_state_dict(lib.state_dict())
     return m
-
-
-def _wall(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench(name: str, threads: int, args) -> Dict:
@@ -76,9 +68,9 @@ def bench(name: str, threads: int, args) -> Dict:
     for k, m in models.items():
         if k not in ('reference', 'compiled'):
             with ctx[k]():
-                check[k] = max(check_equal(m, ref, x2, 1e-5).values())
-    macs_i = count_macs(ref.eval(), x2[:1])
-    macs_t = count_macs(ref.train(), x2[:1], backward=True)
+                check[k] = max(check_same_function(m, ref, x2, 1e-5).values())
+    macs_i = count_macs(ref.eval(), x2.shape[1:])
+    macs_t = count_macs(ref.train(), x2.shape[1:], backward=True)
     xi, x1 = torch.randn(args.infer_batch, 3, *img), torch.randn(1, 3, *img)
 
     def infer(m, k, x):
@@ -93,21 +85,13 @@ def bench(name: str, threads: int, args) -> Dict:
             fns[f'infer/{k}'] = infer(m, k, xi)
     if not args.latency_only:
         for k, m in models.items():
-            tm = (baseline_model(lib) if k == 'reference' else torch.compile(_copy(lib)) if k == 'compiled'
-                  else _copy(m))
+            tm = (baseline_model(lib) if k == 'reference' else torch.compile(copy.deepcopy(lib)) if k == 'compiled'
+                  else copy.deepcopy(m))
             fns[f'train/{k}'] = TrainStep(tm.train(), args.train_batch, img, lib.num_classes, torch.device('cpu'),
                                           None, context=ctx[k])
-    for fn in fns.values():
-        for _ in range(args.warmup):
-            fn()
-    mm = matmul_rate(torch.device('cpu'), torch.float32, 2048)
-    times: Dict[str, List[float]] = {k: [] for k in fns}
+    mm = matmul_rate(torch.device('cpu'), torch.float32, args.matmul_size)
     rates: List[float] = []
-    for r in range(args.rounds):
-        order = list(fns) if r % 2 == 0 else list(reversed(fns))
-        for k in order:
-            times[k].append(_wall(fns[k]))
-        rates.append(mm()[0])
+    times = interleaved_rounds(fns, args.rounds, warmup=args.warmup, after_round=lambda r: rates.append(mm()[0]))
     rate = median(rates)
     rows = []
     for kind in ('infer', 'train', 'latency'):
@@ -132,6 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--infer-batch', type=int, default=16)
     p.add_argument('--train-batch', type=int, default=8)
+    p.add_argument('--matmul-size', type=int, default=2048, help='side of the reference matmul (default 2048)')
     p.add_argument('--latency-only', action='store_true', help='only batch-1 inference')
     p.add_argument('--no-compile', dest='compile', action='store_false')
     p.add_argument('--kernels-all-sizes', action='store_true',
@@ -139,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit(f'the CPU kernels are unavailable: {cpu_kernels.build_error()}')
-    print(f'load average at start: {os.getloadavg()}', flush=True)
+    print(f'load average at start: {load_average()}', flush=True)
     for name in args.models:
         for threads in args.threads:
             res = bench(name, threads, args)
@@ -150,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for r in res['rows']:
                 print(f"| {r['kind']} | {r['variant']} | {r['ms']:.1f} | {r['img_s']:.2f} | {r['ratio']:.2f}x | "
                       f"{r['matmul_pct']:.0f}% |", flush=True)
-    print(f'\nload average at end: {os.getloadavg()}')
+    print(f'\nload average at end: {load_average()}')
     return 0
 
 

@@ -40,33 +40,30 @@ the allocator (MALLOC_* environment variables, LD_PRELOAD), which is printed wit
     python benchmarks/bench_speed.py --models dynamixer_s --rounds 5
     python benchmarks/bench_speed.py --models dynamixer_nano dynamixer_s dynamixer_m dynamixer_l
     python benchmarks/bench_speed.py --models dynamixer_s dynamixer_nano --latency --threads 1
+
+On a GPU (the Triton mixing path; refused without Triton, so that a figure is never reported for
+the wrong path): bf16 autocast, batch 128 for inference and training, peak memory from
+torch.cuda.max_memory_allocated.
+
+    python benchmarks/bench_speed.py --device cuda --models dynamixer_s --no-compile --rounds 5
 """
 import argparse
 import contextlib
-import json
-import os
-import platform
-import statistics
-import sys
-import time
-from typing import Callable, Dict, List, Optional, Tuple
+import copy
+from typing import Callable, Dict, List, Optional
 
-try:
-    import resource  # Unix: user / system CPU time and page faults per call
-except ImportError:  # pragma: no cover (Windows)
-    resource = None
-
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from baseline import baseline_model  # benchmarks/baseline.py, next to this script
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baseline import baseline_model  # noqa: E402
-
-import timm  # noqa: E402
-import dynamixer  # noqa: E402,F401  (registers the models)
-from dynamixer.ops import cpu_kernels  # noqa: E402
+import dynamixer
+from dynamixer.measure import (check_same_function, count_macs, interleaved_rounds, load_average, machine_info,
+                               matmul_rate, median, timed_with_usage)
+from dynamixer.experiments import write_json
+from dynamixer.ops import cpu_kernels
+from dynamixer.ops.triton_mixing import triton_available
 
 # library variants -> the compiled CPU kernels' setting they run under (None: as configured)
 LIBRARY_VARIANTS = {'library': None, 'library-eager': False, 'library-all': 'all'}
@@ -78,76 +75,6 @@ def variant_mode(variant: str) -> Callable[[], contextlib.AbstractContextManager
     if mode is None:
         return contextlib.nullcontext
     return lambda: dynamixer.set_cpu_kernels(mode)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _usage() -> Tuple[float, float, int]:
-    """(user CPU s, system CPU s, minor page faults) of this process so far; zeros without `resource`."""
-    if resource is None:
-        return 0.0, 0.0, 0
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime, u.ru_stime, u.ru_minflt
-
-
-def _timed(fn: Callable[[], object], device: torch.device, cpu_times: Optional[List[float]] = None,
-           usage: Optional[List[Tuple[float, float, int]]] = None) -> float:
-    """Wall-clock seconds of fn(); the process's CPU seconds are appended to `cpu_times`, its
-    (user s, system s, minor page faults) during the call to `usage`."""
-    _sync(device)
-    u0 = _usage()
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    _sync(device)
-    t1, c1 = time.perf_counter(), time.process_time()
-    u1 = _usage()
-    if cpu_times is not None:
-        cpu_times.append(c1 - c0)
-    if usage is not None:
-        usage.append((u1[0] - u0[0], u1[1] - u0[1], u1[2] - u0[2]))
-    return t1 - t0
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|."""
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def check_equal(lib: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float) -> Dict[str, float]:
-    """Forward outputs, input gradient and every weight gradient of lib vs ref (float32)."""
-    errs = {}
-    for m in (lib, ref):
-        m.zero_grad(set_to_none=True)
-    xl, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yl, yr = lib(xl), ref(xr)
-    errs['output'] = rel_err(yl, yr)
-    w = torch.randn_like(yr)
-    (yl * w).sum().backward()
-    (yr * w).sum().backward()
-    errs['input_grad'] = rel_err(xl.grad, xr.grad)
-    errs['weight_grads'] = max(
-        rel_err(pl.grad, pr.grad) for pl, pr in zip(lib.parameters(), ref.parameters()) if pr.grad is not None)
-    for m in (lib, ref):
-        m.zero_grad(set_to_none=True)
-    bad = {k: v for k, v in errs.items() if not v <= tol}
-    if bad:
-        raise SystemExit(f'library and reference differ: {bad} (tolerance {tol})')
-    return errs
-
-
-def count_macs(model: nn.Module, x: torch.Tensor, backward: bool = False) -> float:
-    """Multiply-adds of matmuls and convolutions per image (FlopCounterMode / 2)."""
-    with FlopCounterMode(display=False) as fc:
-        if backward:
-            model(x).sum().backward()
-            model.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                model(x)
-    return fc.get_total_flops() / 2 / x.shape[0]
 
 
 class TrainStep:
@@ -205,23 +132,6 @@ def step_peak_bytes(step: TrainStep) -> int:
     return peak
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> Callable[[], Tuple[float, float]]:
-    """FLOP/s of an n x n x n matmul: (per wall-clock second, per CPU second of this process)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-
-    def run() -> Tuple[float, float]:
-        cpu: List[float] = []
-        wall = _timed(lambda: a @ b, device, cpu)
-        return 2 * n ** 3 / wall, 2 * n ** 3 / cpu[0]
-    return run
-
-
-def median(v: List[float]) -> float:
-    return statistics.median(v) if v else float('nan')
-
-
 def _path_counts(model: nn.Module, x: torch.Tensor, train: bool) -> Dict[str, int]:
     """How many deciding modules take each path (ops.dispatch), for one call like the timed ones."""
     if train:
@@ -254,12 +164,12 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
     for k in names:
         if k in LIBRARY_VARIANTS:
             with variant_mode(k)():
-                res['check'][k] = check_equal(lib, ref, x, args.tol)
+                res['check'][k] = check_same_function(lib, ref, x, args.tol)
                 res['paths_inference'][k] = _path_counts(lib, x, train=False)
                 res['paths_train'][k] = _path_counts(lib, x, train=True)
     res['cpu_kernels_error'] = cpu_kernels.build_error()
-    res['gmacs_per_image'] = count_macs(ref.eval(), x[:1]) / 1e9
-    res['train_gmacs_per_image'] = count_macs(ref.train(), x[:1], backward=True) / 1e9
+    res['gmacs_per_image'] = count_macs(ref.eval(), x.shape[1:]) / 1e9
+    res['train_gmacs_per_image'] = count_macs(ref.train(), x.shape[1:], backward=True) / 1e9
 
     bi, bt = args.infer_batch, args.train_batch
     xi = torch.randn(bi, 3, *img, device=device)
@@ -284,28 +194,22 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
         if args.latency:
             fns[f'latency/{k}'] = infer(m, k, x1)
         # training steps work on their own copies so that each variant's AdamW state is its own
-        tm = baseline_model(lib) if k == 'reference' else torch.compile(_copy(lib)) if k == 'compiled' else _copy(lib)
+        tm = baseline_model(lib) if k == 'reference' else torch.compile(copy.deepcopy(lib)) if k == 'compiled' else copy.deepcopy(lib)
         train_steps[k] = TrainStep(tm.train(), bt, img, lib.num_classes, device, amp, context=variant_mode(k))
         fns[f'train/{k}'] = train_steps[k]
 
-    # warm-up (and compilation)
-    for k in names:
-        for _ in range(args.warmup):
-            for kind in kinds:
-                fns[f'{kind}/{k}']()
+    # warm-up (and compilation), then every call timed by the wall clock and the process's CPU time
+    keys = [f'{kind}/{k}' for k in names for kind in kinds]
 
-    times = {f'{kind}/{k}': [] for kind in kinds for k in names}
-    cpu = {f'{kind}/{k}': [] for kind in kinds for k in names}
-    usage: Dict[str, List[Tuple[float, float, int]]] = {f'{kind}/{k}': [] for kind in kinds for k in names}
-    for r in range(args.rounds):
-        order = names if r % 2 == 0 else list(reversed(names))
-        for k in order:
-            for kind, batch in kinds.items():
-                key = f'{kind}/{k}'
-                times[key].append(batch / _timed(fns[key], device, cpu[key], usage[key]))
+    def after_round(r: int) -> None:
         mm_rates.append(mm())
         if args.verbose:
-            print(f'  round {r}: ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in times.items()), flush=True)
+            print(f'  round {r + 1}/{args.rounds} done; matmul {mm_rates[-1][0] / 1e9:.1f} GFLOP/s', flush=True)
+    measured = interleaved_rounds({k: fns[k] for k in keys}, args.rounds, warmup=args.warmup,
+                                  timer=lambda fn: timed_with_usage(fn, device), after_round=after_round)
+    times = {k: [kinds[k.split('/')[0]] / m[0] for m in v] for k, v in measured.items()}
+    cpu = {k: [m[1] for m in v] for k, v in measured.items()}
+    usage = {k: [m[2] for m in v] for k, v in measured.items()}
     res['images_per_s'] = {k: median(v) for k, v in times.items()}
     # images per CPU-second of this process: on a shared CPU, wall-clock time mostly measures the
     # scheduler's share; with --threads 1 the process's CPU time measures the work itself
@@ -336,30 +240,6 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
                           total_peak_mib=(step_peak + live_bytes(step)) / 2 ** 20)
         res['memory'] = mem
     return res
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(model)
-
-
-def machine_info(device: torch.device) -> Dict:
-    info = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
-                date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'):
-                info['cpu'] = line.split(':', 1)[1].strip()
-                break
-        info['cpus'] = os.cpu_count()
-        info['load_avg_start'] = os.getloadavg()
-    except OSError:
-        pass
-    if device.type == 'cuda':
-        info['gpu'] = torch.cuda.get_device_name(device)
-    # the C allocator's settings change how often memory comes fresh from the OS (page faults)
-    info['allocator_env'] = {k: v for k, v in os.environ.items() if k.startswith('MALLOC_') or k == 'LD_PRELOAD'}
-    return info
 
 
 def print_tables(results: List[Dict], info: Dict) -> None:
@@ -450,12 +330,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == 'cuda'
+    if gpu and not triton_available():
+        # the library would take its PyTorch path: a figure must never be reported for the wrong path
+        raise SystemExit('on a GPU the library runs its Triton kernels, and Triton is not installed here')
     if args.threads:
         torch.set_num_threads(args.threads)
     args.infer_batch = args.infer_batch or (128 if gpu else 16)
     args.train_batch = args.train_batch or (128 if gpu else 8)
     mm = matmul_rate(device, torch.bfloat16 if gpu else torch.float32, args.matmul_size or (8192 if gpu else 2048))
     info = machine_info(device)
+    info['load_avg_start'] = info['load_avg']
     mm_rates: List[float] = []
     results = []
     for name in args.models:
@@ -463,13 +347,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         results.append(bench_model(name, args, device, mm_rates, mm))
     info['matmul_gflops'] = median([r[0] for r in mm_rates]) / 1e9
     info['matmul_gflops_cpu_time'] = median([r[1] for r in mm_rates]) / 1e9
-    info['load_avg_end'] = os.getloadavg()
+    info['load_avg_end'] = load_average()
     info['args'] = vars(args)
     info['cpu_kernels'] = dynamixer.cpu_kernels_mode()
     print_tables(results, info)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(info=info, results=results), f, indent=1)
+        write_json(dict(info=info, results=results), args.json)
     return 0
 
 

@@ -18,21 +18,16 @@ reference, the largest gain any implementation that keeps these GEMMs could reac
 run at its shapes).
 """
 import argparse
-import os
-import statistics
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
+from baseline import baseline_model  # benchmarks/baseline.py, next to this script
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import timm
-import dynamixer  # noqa: F401  (registers the models)
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baseline import baseline_model  # noqa: E402
+from dynamixer.measure import interleaved_rounds, load_average, median
 
 aten = torch.ops.aten
 # in inference mode the composite ops (linear, matmul, conv2d) reach the mode undecomposed; under
@@ -88,17 +83,8 @@ def replay(calls: List[Tuple[Any, tuple, dict]]) -> Callable[[], None]:
 
 
 def median_times(fns: Dict[str, Callable[[], None]], rounds: int, warmup: int) -> Dict[str, float]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds per call of each function, timed in interleaved rounds."""
+    return {k: median(v) for k, v in interleaved_rounds(fns, rounds, warmup=warmup).items()}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -161,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results[f'training step, forward + backward (batch {args.train_batch})'] = (t, len(rec_t.calls))
 
     print(f'{args.model}, {args.threads} thread(s), torch {torch.__version__}; load average '
-          f'{[round(v, 2) for v in os.getloadavg()]}; medians of {args.rounds} interleaved rounds\n')
+          f'{load_average()}; medians of {args.rounds} interleaved rounds\n')
     print('| task | reference (ms) | library (ms) | GEMM replay (ms) | GEMM calls | library vs reference '
           '| replay share of library | reference / replay (the most any kernel work could reach) '
           "| the reference's GEMMs replayed (ms) |")
