@@ -7,11 +7,12 @@ Shapes are dynamixer_s stage 1 (C = 192, hidden 576): training batch 8 (8192 tok
 inference MLP chunk (1024 tokens).
 """
 import argparse
-import statistics
-import time
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from dynamixer.measure import interleaved_rounds, load_average, median
 
 
 def gelu_pair(h: torch.Tensor, dy: torch.Tensor):
@@ -36,14 +37,15 @@ def layernorm_mean(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
     return n, n.mean(1)
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--rounds', type=int, default=15)
-    args = p.parse_args()
+    p.add_argument('--scale', type=int, default=1, help='divide the token counts by this (a quick check)')
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    t, c, hdim = 8192, 192, 576
+    t, c, hdim = 8192 // args.scale, 192, 576
     cases = {
         'GELU + GELU backward (8192 x 576)': (gelu_pair, (torch.randn(t, hdim), torch.randn(t, hdim))),
         'bias + GELU (1024 x 576)': (bias_gelu, (torch.randn(1024, hdim), torch.randn(hdim))),
@@ -52,23 +54,16 @@ def main() -> int:
         'LayerNorm + token mean (8 x 1024 x 192)': (layernorm_mean, (torch.randn(8, 1024, c), torch.randn(c),
                                                                      torch.randn(c))),
     }
-    print(f'{args.threads} thread(s), medians of {args.rounds} interleaved rounds')
+    print(f'{args.threads} thread(s), medians of {args.rounds} interleaved rounds; load average {load_average()}')
     print('| candidate | eager ms | Inductor ms | eager / Inductor |')
     print('|---|---|---|---|')
     for name, (fn, inputs) in cases.items():
         compiled = torch.compile(fn, dynamic=False)
         with torch.no_grad():
-            for _ in range(3):
-                fn(*inputs)
-                compiled(*inputs)
-            times = {'eager': [], 'inductor': []}
-            for r in range(args.rounds):
-                for k, f in (('eager', fn), ('inductor', compiled))[::1 if r % 2 == 0 else -1]:
-                    t0 = time.perf_counter()
-                    f(*inputs)
-                    times[k].append(time.perf_counter() - t0)
-        e, i = statistics.median(times['eager']), statistics.median(times['inductor'])
-        ratio = statistics.median([a / b for a, b in zip(times['eager'], times['inductor'])])
+            times = interleaved_rounds({'eager': lambda: fn(*inputs), 'inductor': lambda: compiled(*inputs)},
+                                       args.rounds, warmup=3)
+        e, i = median(times['eager']), median(times['inductor'])
+        ratio = median([a / b for a, b in zip(times['eager'], times['inductor'])])
         print(f'| {name} | {1e3 * e:.2f} | {1e3 * i:.2f} | {ratio:.2f}x |', flush=True)
     return 0
 

@@ -14,7 +14,6 @@ file size. Optionally also the PyTorch int8 routes (`dynamixer.quantize.quantize
 Accuracy does not depend on machine load; no speed is measured here (see docs/deploy.md).
 """
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,7 +27,8 @@ import dynamixer  # noqa: F401  (registers the models)
 from dynamixer.checkpoint import load_model
 from dynamixer.data import DigitsDataset, left_digit_datasets, preprocessing_transform, sample_images
 from dynamixer.commands.export import export_onnx
-from dynamixer.inference import OnnxClassifier, preprocessing_config, preprocessing_path
+from dynamixer.experiments import write_json
+from dynamixer.inference import OnnxClassifier, preprocessing_config, save_preprocessing
 from dynamixer.quantize import quantize_model, quantize_onnx
 
 GRID = {  # name -> (mode, parts kept in float); dynamic quantisation never touches the mix matmul
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fp = Path(tmp) / 'float.onnx'
         export_onnx(model, fp)
-        preprocessing_path(fp).write_text(json.dumps(config))
+        save_preprocessing(config, fp)
         ref_pt = run_batches(model, x)
         rows.append(row('PyTorch float32', ref_pt, ref_pt, y, float('nan')))
         ref = run_batches(OnnxClassifier(fp, threads=args.threads), x)
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] = None) -> int:
               f"{r['mean_err']:.3g} | {r['size_mib']:.1f} | "
               f"{', '.join(f'{k} {v}' for k, v in r.get('kept_float', {}).items()) or '-'} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(rows, args.json)
     return 0
 
 

@@ -13,9 +13,8 @@ fc1 / fc2, stages 2-4 (16x16 tokens, C = 384) MLP fc1 / fc2 and a C x C projecti
 """
 import argparse
 import os
-import statistics
 import tempfile
-import time
+from typing import List, Optional
 
 import numpy as np
 import onnx
@@ -24,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from dynamixer.inference import ort_session
+from dynamixer.measure import interleaved_rounds, load_average, median
 
 SHAPES = {  # name -> (M, K, N)
     'stage 1 fc1': (16384, 192, 576),
@@ -45,17 +45,19 @@ def build(m: int, k: int, n: int, path: str) -> str:
     return path + '.int8.onnx'
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--rounds', type=int, default=15)
     p.add_argument('--threads', type=int, nargs='+', default=[1, 2])
-    args = p.parse_args()
-    print(f'onnxruntime {ort.__version__}; load average {[round(v, 2) for v in os.getloadavg()]}; '
+    p.add_argument('--scale', type=int, default=1, help='divide M (the rows) by this (a quick check)')
+    args = p.parse_args(argv)
+    print(f'onnxruntime {ort.__version__}; load average {load_average()}; '
           f'medians of {args.rounds} interleaved calls\n')
     print('| matmul | M x K x N | threads | float32 ms | int8 ms | int8 speed-up |')
     print('|---|---|---|---|---|---|')
     with tempfile.TemporaryDirectory() as tmp:
         for name, (m, k, n) in SHAPES.items():
+            m //= args.scale
             float_path = os.path.join(tmp, f'{m}_{k}_{n}.onnx')
             int8_path = build(m, k, n, float_path)
             x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
@@ -65,17 +67,14 @@ def main() -> None:
                 # times no faster than one-thread with spinning on)
                 sessions = {key: ort_session(path, threads, spin=False)
                             for key, path in (('float32', float_path), ('int8', int8_path))}
-                times = {key: [] for key in sessions}
-                for s in sessions.values():
-                    s.run(None, {'x': x})
-                for r in range(args.rounds):
-                    for key in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
-                        t0 = time.perf_counter()
-                        sessions[key].run(None, {'x': x})
-                        times[key].append(time.perf_counter() - t0)
-                f, q = (statistics.median(times[key]) * 1e3 for key in ('float32', 'int8'))
+                times = interleaved_rounds({key: (lambda s=s: s.run(None, {'x': x})) for key, s in sessions.items()},
+                                           args.rounds, warmup=1)
+                f, q = (median(times[key]) * 1e3 for key in ('float32', 'int8'))
                 print(f'| {name} | {m} x {k} x {n} | {threads} | {f:.1f} | {q:.1f} | {f / q:.2f}x |')
 
 
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    raise SystemExit(main())

@@ -13,12 +13,10 @@ Accuracy of the same settings: `benchmarks/int8_accuracy.py` (docs/deploy.md).
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -26,9 +24,9 @@ import timm
 import torch
 
 import dynamixer  # noqa: F401  (registers the models)
-from dynamixer.commands.benchmark import machine_info
 from dynamixer.commands.export import export_onnx
-from dynamixer.inference import INPUT_NAME, OUTPUT_NAME, ort_session, preprocessing_path
+from dynamixer.inference import INPUT_NAME, OUTPUT_NAME, ort_session, save_preprocessing
+from dynamixer.measure import interleaved_rounds, machine_info, median
 from dynamixer.quantize import DEFAULT_KEEP_FLOAT, quantize_onnx
 
 # name -> quantize_onnx keyword arguments
@@ -67,9 +65,10 @@ def op_times(path: Path, x: np.ndarray, threads: int) -> Dict[str, float]:
     return {k: v / max(runs, 1) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--model', default='dynamixer_s')
+    p.add_argument('--img-size', type=int, default=None, help="input size (default: the model's own)")
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--rounds', type=int, default=5)
@@ -80,7 +79,7 @@ def main() -> None:
                    help="ONNX Runtime's intra-op threads block instead of spinning after each run (each "
                         "session has its own pool; spinning pools of interleaved sessions compete for the cores)")
     p.add_argument('--workdir', default=None, help='keep the files here (default: a temporary folder)')
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = list(SETTINGS)
     if args.settings:
@@ -89,7 +88,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    model = timm.create_model(args.model).eval()
+    model = timm.create_model(args.model, **(dict(img_size=args.img_size) if args.img_size else {})).eval()
     size = (model.in_chans, *model.img_size)
     files: Dict[str, Path] = {}
     float_of: Dict[str, str] = {}  # file -> the float32 file it was quantised from
@@ -98,9 +97,8 @@ def main() -> None:
         float_path = work / f'{args.model}.opset{opset}.onnx'
         if not float_path.exists():
             export_onnx(model, float_path, opset=opset)
-            preprocessing_path(float_path).write_text(json.dumps(dict(
-                input_name=INPUT_NAME, output_name=OUTPUT_NAME, input_size=list(size),
-                num_classes=model.num_classes)), encoding='utf-8')
+            save_preprocessing(dict(input_name=INPUT_NAME, output_name=OUTPUT_NAME, input_size=list(size),
+                                    num_classes=model.num_classes), float_path)
         files['float32' + tag] = float_path
         float_of['float32' + tag] = 'float32' + tag
         for name in names:
@@ -116,26 +114,20 @@ def main() -> None:
 
     x = np.random.default_rng(0).standard_normal((args.batch, *size)).astype(np.float32)
     sessions = {k: ort_session(v, args.threads, spin=args.spin) for k, v in files.items()}
-    for s in sessions.values():  # warm-up
-        s.run([OUTPUT_NAME], {INPUT_NAME: x})
-    times: Dict[str, List[float]] = defaultdict(list)
     order = list(sessions)
-    for r in range(args.rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            sessions[k].run([OUTPUT_NAME], {INPUT_NAME: x})
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_rounds({k: (lambda s=s: s.run([OUTPUT_NAME], {INPUT_NAME: x})) for k, s in sessions.items()},
+                               args.rounds, warmup=1)
 
     info = machine_info(torch.device('cpu'))
     print(f"{args.model}, batch {args.batch}, {args.threads} thread(s), onnxruntime {ort.__version__}, "
-          f"{info.get('cpu')}; load average {[round(v, 2) for v in os.getloadavg()]}; "
+          f"{info.get('cpu')}; load average {info['load_avg']}; "
           f"medians of {args.rounds} interleaved rounds")
     print()
     print('| file | img/s | ms/batch | vs float32 | MiB |')
     print('|---|---|---|---|---|')
     for k in order:
-        base = statistics.median(times[float_of[k]])
-        t = statistics.median(times[k])
+        base = median(times[float_of[k]])
+        t = median(times[k])
         print(f'| {k} | {args.batch / t:.2f} | {1000 * t:.0f} | {base / t:.2f}x | {sizes[k]:.1f} |')
     if args.profile:
         for k in order:
@@ -145,5 +137,8 @@ def main() -> None:
             print(f'\n{k}: {total:.0f} ms in kernels; {top}')
 
 
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    raise SystemExit(main())

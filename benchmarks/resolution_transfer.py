@@ -33,7 +33,7 @@ from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-import dynamixer  # noqa: F401  (registers the models)
+from dynamixer import experiments
 from dynamixer.resample import resample_state_dict
 
 NATIVE = 32
@@ -174,10 +174,10 @@ def run_seed(seed: int, sizes: Sequence[int], epochs: int, ft_steps: Sequence[in
 
 
 def mean_std(values: List[float]) -> str:
-    t = torch.tensor(values, dtype=torch.float64)
+    """'mean ± sample std' over seeds; the value alone for one seed."""
     if len(values) == 1:
-        return f'{t.item():.1f}'
-    return f'{t.mean().item():.1f} ± {t.std().item():.1f}'
+        return f'{values[0]:.1f}'
+    return experiments.format_mean_std(*experiments.mean_std(values))
 
 
 def main(argv=None) -> int:
@@ -235,8 +235,7 @@ def main(argv=None) -> int:
     text = '\n'.join(lines)
     print(text)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
+        experiments.write_markdown(text, args.out)
     return 0
 
 

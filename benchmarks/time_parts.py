@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 from collections import defaultdict
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 import dynamixer  # noqa: F401  (registers the models)
 import dynamixer.model as dm
+from dynamixer.measure import load_average, matmul_rate, median
 from dynamixer.ops import cpu_kernels, dispatch, explain_paths, fast_forms, mixing, mlp
 
 TIMES: Dict[str, float] = defaultdict(float)
@@ -101,16 +102,17 @@ def instrument() -> None:
     cls.backward = staticmethod(_timed('CppRecomputeGeluMlp.backward', cls.backward))
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--model', default='dynamixer_s')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--infer-batch', type=int, default=16)
     p.add_argument('--train-batch', type=int, default=8)
     p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--matmul-size', type=int, default=2048, help='side of the reference matmul (default 2048)')
     p.add_argument('--cpu-kernels', default=None, choices=['0', '1', 'all'],
                    help='the compiled CPU kernels: as DYNAMIXER_CPU_KERNELS (default: as configured)')
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cpu_kernels is not None:
         dynamixer.set_cpu_kernels(args.cpu_kernels)
     if args.threads:
@@ -120,7 +122,6 @@ def main() -> int:
     xi = torch.randn(args.infer_batch, 3, *model.img_size)
     xt = torch.randn(args.train_batch, 3, *model.img_size)
     yt = torch.randint(0, model.num_classes, (args.train_batch,))
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def infer():
@@ -158,12 +159,10 @@ def main() -> int:
             for k, v in TIMES.items():
                 totals[k].append(v)
         results[label] = {k: sorted(v)[len(v) // 2] for k, v in totals.items()}
-    t0 = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    rate = 3 * 2048 ** 3 / (time.perf_counter() - t0)          # multiply-adds per second
+    mm = matmul_rate(torch.device('cpu'), torch.float32, args.matmul_size)
+    rate = median([mm()[0] for _ in range(3)]) / 2          # multiply-adds per second
 
-    print(f'\n{args.model}, {torch.get_num_threads()} thread(s), matmul rate {2 * rate / 1e9:.1f} GFLOP/s; '
+    print(f'\n{args.model}, {torch.get_num_threads()} thread(s), load average {load_average()}, matmul rate {2 * rate / 1e9:.1f} GFLOP/s; '
           f'medians of {args.rounds} runs, milliseconds per batch\n')
     for label, res in results.items():
         macs = counts[label]
