@@ -42,18 +42,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--rounds', type=int, default=15)
     p.add_argument('--scale', type=int, default=1, help='divide the token counts by this (a quick check)')
+    p.add_argument('--cases', type=int, nargs='+', default=None, help='indices of the cases to run (default: all)')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t, c, hdim = 8192 // args.scale, 192, 576
     cases = {
-        'GELU + GELU backward (8192 x 576)': (gelu_pair, (torch.randn(t, hdim), torch.randn(t, hdim))),
+        f'GELU + GELU backward ({t} x {hdim})': (gelu_pair, (torch.randn(t, hdim), torch.randn(t, hdim))),
         'bias + GELU (1024 x 576)': (bias_gelu, (torch.randn(1024, hdim), torch.randn(hdim))),
-        'residual add + LayerNorm (8192 x 192)': (residual_layernorm, (torch.randn(t, c), torch.randn(t, c),
+        f'residual add + LayerNorm ({t} x {c})': (residual_layernorm, (torch.randn(t, c), torch.randn(t, c),
                                                                        torch.randn(c), torch.randn(c))),
         'LayerNorm + token mean (8 x 1024 x 192)': (layernorm_mean, (torch.randn(8, 1024, c), torch.randn(c),
                                                                      torch.randn(c))),
     }
+    if args.cases is not None:
+        cases = {k: v for i, (k, v) in enumerate(cases.items()) if i in args.cases}
     print(f'{args.threads} thread(s), medians of {args.rounds} interleaved rounds; load average {load_average()}')
     print('| candidate | eager ms | Inductor ms | eager / Inductor |')
     print('|---|---|---|---|')

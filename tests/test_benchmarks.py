@@ -1,20 +1,36 @@
-"""The benchmark harness runs, and its baseline computes the library's function (small models)."""
+"""The scripts in benchmarks/: each runs on tiny settings (no timings asserted), and the baseline
+they measure against computes the library's function. `dynamixer benchmark` is test_benchmark.py."""
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 
-import dynamixer  # noqa: F401
+import dynamixer
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
-sys.path.insert(0, BENCH)
-from baseline import BaselineBlock, BaselineLayer, baseline_model  # noqa: E402
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _scripts_importable():
+    """The scripts import their neighbours (baseline.py) as a script run from benchmarks/ does."""
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(BENCH)
+    yield
+    mp.undo()
+
+
+def script(name: str):
+    return importlib.import_module(name)
 
 
 def test_baseline_equals_library_on_the_fast_path():
+    from baseline import BaselineBlock, BaselineLayer, baseline_model
     # 64x64 input: a 16x16 stage-1 grid, so the library takes its fast mixing there
     torch.manual_seed(0)
     lib = timm.create_model('dynamixer_nano', img_size=64, num_classes=5).double()
@@ -37,7 +53,7 @@ def test_baseline_equals_library_on_the_fast_path():
 
 
 def test_bench_speed_smoke(tmp_path):
-    import bench_speed
+    bench_speed = script('bench_speed')
     out = tmp_path / 'r.json'
     assert bench_speed.main(['--models', 'dynamixer_nano', '--rounds', '1', '--warmup', '0', '--no-compile',
                              '--matmul-size', '256', '--latency', '--img-size', '64', '--infer-batch', '2',
@@ -58,9 +74,10 @@ def test_bench_speed_smoke(tmp_path):
 
 
 def test_time_parts_smoke():
+    # its own process: it wraps the library's functions with timers
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     run = subprocess.run([sys.executable, os.path.join(BENCH, 'time_parts.py'), '--model', 'dynamixer_nano',
-                          '--threads', '1', '--rounds', '1'], capture_output=True, text=True, env=env, timeout=300)
+                          '--threads', '1', '--rounds', '1', '--matmul-size', '128'], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert '| mlp_residual_inference_ |' in run.stdout and '| RecomputeGeluMlp.backward |' in run.stdout
 
@@ -68,7 +85,7 @@ def test_time_parts_smoke():
 def test_gemm_floor_records_every_gemm_and_runs(capsys):
     """The recorder sees each matrix multiply once: on the plain path, in inference mode, one call
     per Linear and convolution module call and one mixing matmul per DynaMixerOp."""
-    import gemm_floor
+    gemm_floor = script('gemm_floor')
     from dynamixer.model import DynaMixerOp
     model = timm.create_model('dynamixer_nano', num_classes=5).eval()
     calls = {'modules': 0}
@@ -88,3 +105,57 @@ def test_gemm_floor_records_every_gemm_and_runs(capsys):
                             '--infer-batch', '2', '--train-batch', '2']) == 0
     out = capsys.readouterr().out
     assert '| inference (batch 2) |' in out and '| training step, forward + backward (batch 2) |' in out
+
+
+def test_bench_kernels_smoke(capsys, cpu_kernels_built):
+    assert script('bench_kernels').main(['--models', 'dynamixer_nano', '--threads', '1', '--rounds', '1',
+                                         '--warmup', '0', '--infer-batch', '2', '--train-batch', '2', '--no-compile',
+                                         '--matmul-size', '128']) == 0
+    out = capsys.readouterr().out
+    assert '| infer | library |' in out and '| train | reference |' in out and '| latency | library-all |' in out
+
+
+@pytest.mark.slow  # Inductor builds each candidate: about 20 s for one
+def test_bench_epilogues_smoke(capsys):
+    assert script('bench_epilogues').main(['--rounds', '1', '--scale', '256', '--cases', '1']) == 0
+    out = capsys.readouterr().out
+    assert '| bias + GELU' in out and 'GELU + GELU backward' not in out
+
+
+def test_int8_gemm_smoke(capsys):
+    pytest.importorskip('onnxruntime')
+    assert script('int8_gemm').main(['--rounds', '1', '--threads', '1', '--scale', '256']) == 0
+    out = capsys.readouterr().out
+    assert '| stage 1 fc1 | 64 x 192 x 576 | 1 |' in out
+
+
+def test_int8_variants_smoke(capsys, tmp_path):
+    pytest.importorskip('onnxruntime')
+    assert script('int8_variants').main(['--model', 'dynamixer_nano', '--img-size', '32', '--batch', '2',
+                                         '--rounds', '1', '--settings', '0', '--workdir', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert '| float32 |' in out and '| default (per channel' in out
+    assert json.loads((tmp_path / 'dynamixer_nano.opset20.onnx.preprocessing.json').read_text())['input_size'] == [
+        3, 32, 32]
+
+
+def test_int8_accuracy_smoke(tmp_path, capsys):
+    pytest.importorskip('onnxruntime')
+    from helpers import _make_checkpoint
+    kwargs = dict(in_chans=1, img_size=24)
+    ckpt = _make_checkpoint(tmp_path / 'ld.pth', kwargs, config=dict(
+        model='dynamixer_nano', model_kwargs=dict(kwargs, num_classes=10), dataset='left-digit', num_train=64, num_val=32, canvas=24,
+        align=4, data_seed=0), class_names=[str(i) for i in range(10)])
+    assert script('int8_accuracy').main([str(ckpt), '--data', 'left-digit', '--calibration-size', '16',
+                                         '--configs', 'dynamic, all int8', '--json', str(tmp_path / 'r.json')]) == 0
+    rows = json.loads((tmp_path / 'r.json').read_text())
+    assert [r['name'] for r in rows] == ['PyTorch float32', 'ONNX float32', 'dynamic, all int8']
+    assert rows[1]['max_err'] == 0 and rows[2]['agree'] > 50   # ONNX float is its own reference
+
+
+def test_resolution_transfer_smoke(tmp_path, capsys):
+    out = tmp_path / 'r.md'
+    assert script('resolution_transfer').main(['--epochs', '1', '--sizes', '24', '--ft-sizes', '24',
+                                               '--ft-steps', '0', '1', '--out', str(out)]) == 0
+    text = out.read_text()
+    assert '| resampled: linear (default) |' in text and '| 24x24 | resampled (default) |' in text
