@@ -168,6 +168,37 @@ def test_predict_refuses_damaged_onnx_files(work, image, kind):
     assert_user_error(run_cli('predict', '--onnx', path, image), str(d))
 
 
+@pytest.mark.parametrize('kind', ['zero-byte', 'truncated', 'random-bytes'])
+@pytest.mark.parametrize('command', ['export-int8', 'predict', 'validate'])
+def test_every_command_refuses_a_broken_onnx_file_alike(work, image, command, kind):
+    """An empty, cut-short or random `.onnx` with its preprocessing file present: one message from
+    the one reader of ONNX files (`export --quantize int8` used to end in the quantiser's
+    ValueError or protobuf's DecodeError)."""
+    onnx = pytest.importorskip('onnx')
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dynamixer.inference import preprocessing_config, save_preprocessing
+    d = work / 'broken-onnx' / command / kind
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / 'm.onnx'
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), 'W')
+    graph = helper.make_graph([helper.make_node('MatMul', ['input', 'W'], ['logits'])], 'g',
+                              [helper.make_tensor_value_info('input', TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info('logits', TensorProto.FLOAT, [1, 3])], [weight])
+    whole = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 20)]).SerializeToString()
+    onnx.load_from_string(whole)  # the whole file is fine
+    path.write_bytes({'zero-byte': b'', 'truncated': whole[:len(whole) // 2],
+                      'random-bytes': np.random.default_rng(0).bytes(2048)}[kind])
+    save_preprocessing(preprocessing_config(timm.create_model('dynamixer_nano', num_classes=3), ['a', 'b', 'c']),
+                       path)
+    argv = {'export-int8': ['export', path, '--format', 'onnx', '--quantize', 'int8', '--output', d / 'q.onnx'],
+            'predict': ['predict', '--onnx', path, image],
+            'validate': ['validate', path, '--dataset', 'digits']}[command]
+    result = run_cli(*argv)
+    assert_user_error(result, str(path), 'not a whole ONNX file')
+    assert not (d / 'q.onnx').exists()
+
+
 # ---- numeric flags --------------------------------------------------------------------------------
 
 def _numeric_options():
@@ -317,6 +348,11 @@ def test_output_folder_without_write_permission(tmp_path, monkeypatch):
     ['ablate', '--epochs', '1', '--out', '{file}/grid'],
     ['push-to-hub', '{ckpt}', 'user/repo', '--local-dir', '{file}'],
     ['push-to-hub', '{ckpt}', 'user/repo', '--local-dir', '{file}/hub'],
+    # benchmark checks its outputs before measuring (it used to measure, then die on the write)
+    ['benchmark', '--models', 'dynamixer_nano', '--rounds', '1000', '--csv', '{file}/out.csv'],
+    ['benchmark', '--models', 'dynamixer_nano', '--rounds', '1000', '--json', '{file}/out.json'],
+    ['benchmark', '--models', 'dynamixer_nano', '--rounds', '1000', '--markdown', '{file}/out.md'],
+    ['benchmark', '--models', 'dynamixer_nano', '--rounds', '1000', '--csv', '{work}'],
 ], ids=lambda argv: argv[0] + argv[-1].rsplit('}', 1)[-1].replace('/', '-under-'))
 def test_every_output_path_that_cannot_be_written(work, good_checkpoint, image, argv):
     """Each command's output (file or folder) where a file is, or under a file: refused, naming it,

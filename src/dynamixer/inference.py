@@ -29,7 +29,8 @@ from .files import atomic_write_text, read_safetensors_metadata
 PathLike = Union[str, os.PathLike]
 
 __all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
-           'preprocessing_config', 'preprocessing_path', 'save_preprocessing', 'load_preprocessing', 'is_onnx_file', 'ort_session',
+           'preprocessing_config', 'preprocessing_path', 'save_preprocessing', 'load_preprocessing', 'is_onnx_file',
+           'load_onnx', 'ort_session',
            'OnnxClassifier', 'predict_onnx', 'PREPROCESSING_SUFFIX', 'INPUT_NAME', 'OUTPUT_NAME']
 
 PREPROCESSING_SUFFIX = '.preprocessing.json'
@@ -163,6 +164,28 @@ def is_onnx_file(path: PathLike) -> bool:
     return str(path).lower().endswith('.onnx')
 
 
+def _not_whole_onnx(path: PathLike, e: Exception) -> CheckpointError:
+    return CheckpointError(f'{path}: not a whole ONNX file ({type(e).__name__}: {str(e)[:300]}); it may be '
+                           f'empty, cut short or another kind of file: export it again')
+
+
+def load_onnx(path: PathLike) -> Any:
+    """The graph (onnx.ModelProto) of an ONNX file, checked by ``onnx.checker``: with `ort_session`
+    the one reader of ONNX files, so that every command says the same about a broken one.
+
+    Raises MissingFileError for a missing file, CheckpointError for an empty, truncated or foreign
+    one, MissingDependencyError naming the `onnx` extra without onnx."""
+    onnx = require('onnx', 'onnx', 'reading an ONNX file')
+    if not Path(path).is_file():
+        raise MissingFileError(f'ONNX file not found: {path}')
+    try:
+        proto = onnx.load(os.fspath(path))
+        onnx.checker.check_model(proto)
+    except Exception as e:  # protobuf's DecodeError, onnx's ValidationError, ...
+        raise _not_whole_onnx(path, e) from None
+    return proto
+
+
 def ort_session(path: PathLike, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
                 spin: bool = True) -> Any:
     """An ONNX Runtime InferenceSession for `path`: `threads` intra-op threads (None: ONNX
@@ -171,15 +194,21 @@ def ort_session(path: PathLike, threads: Optional[int] = None, providers: Option
     has its own thread pool, and spinning pools of sessions (or of PyTorch) run in turn in one
     process compete for the cores (benchmarks/int8_variants.py --no-spin; on this project's 2-core
     machine it changed the int8 / float32 ratio by less than the run-to-run noise).
-    Raises MissingDependencyError naming the `onnx` extra when onnxruntime is not installed."""
+    Raises MissingDependencyError naming the `onnx` extra when onnxruntime is not installed,
+    MissingFileError for a missing file and CheckpointError for one ONNX Runtime cannot load."""
     ort = require('onnxruntime', 'onnx', 'running an ONNX file')
+    if not Path(path).is_file():
+        raise MissingFileError(f'ONNX file not found: {path}')
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     if not spin:
         options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    return ort.InferenceSession(os.fspath(path), options, providers=list(providers or ['CPUExecutionProvider']))
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=list(providers or ['CPUExecutionProvider']))
+    except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+        raise _not_whole_onnx(path, e) from None
 
 
 class OnnxClassifier(nn.Module):
@@ -204,13 +233,7 @@ class OnnxClassifier(nn.Module):
         self.class_names: List[str] = class_names_for(self.num_classes, self.config.get('class_names'))
         self.in_chans = int(self.config['input_size'][0])
         self.img_size = tuple(int(v) for v in self.config['input_size'][1:])
-        try:
-            self.session = ort_session(onnx_path, threads)
-        except DynaMixerError:
-            raise
-        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-            raise CheckpointError(f'{onnx_path}: ONNX Runtime cannot load it, it is not a whole ONNX file '
-                                  f'({type(e).__name__}: {str(e)[:300]}); export it again') from None
+        self.session = ort_session(onnx_path, threads)
         self._input = self.config.get('input_name', INPUT_NAME)
         self._output = self.config.get('output_name', OUTPUT_NAME)
 

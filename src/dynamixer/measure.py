@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover (Windows)
 
 __all__ = ['machine_info', 'load_average', 'sync', 'wall_time', 'cpu_usage', 'timed_with_usage',
            'interleaved_rounds', 'median', 'count_macs', 'matmul_rate', 'max_abs_error', 'relative_error',
-           'check_same_function', 'MARKER', 'END_MARKER', 'update_markdown']
+           'check_same_function', 'MARKER', 'END_MARKER', 'check_markdown_section', 'update_markdown']
 
 K = TypeVar('K', bound=Hashable)
 
@@ -250,6 +250,19 @@ MARKER = '<!-- dynamixer benchmark: {} -->'       # a generated table goes betwe
 END_MARKER = '<!-- /dynamixer benchmark: {} -->'  # ... and this one
 
 
+def check_markdown_section(doc: str, section: str) -> None:
+    """Refuse, before anything is measured, a `doc` that exists without the section's markers."""
+    start, end = MARKER.format(section), END_MARKER.format(section)
+    if not os.path.isfile(doc):
+        return
+    with open(doc, encoding='utf-8') as f:
+        old = f.read()
+    i, j = old.find(start), old.find(end)
+    if i < 0 or j < i:
+        raise DynaMixerError(f'{doc} has no place for the table: add the two lines\n{start}\n{end}\n'
+                             f'where it belongs (or choose another section)')
+
+
 def update_markdown(doc: str, section: str, text: str) -> bool:
     """Put `text` between the section's marker lines in `doc` (MARKER / END_MARKER), atomically;
     a `doc` that does not exist is written with the markers. Returns True when an existing file
@@ -259,11 +272,9 @@ def update_markdown(doc: str, section: str, text: str) -> bool:
     if not os.path.exists(doc):
         atomic_write_text(block + '\n', doc)
         return False
+    check_markdown_section(doc, section)
     with open(doc, encoding='utf-8') as f:
         old = f.read()
     i, j = old.find(start), old.find(end)
-    if i < 0 or j < i:
-        raise DynaMixerError(f'{doc} has no place for the table: add the two lines\n{start}\n{end}\n'
-                             f'where it belongs (or choose another section)')
     atomic_write_text(old[:i] + block + old[j + len(end):], doc)
     return True

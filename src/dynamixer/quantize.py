@@ -55,7 +55,7 @@ from torch import nn
 from .data import IMAGE_EXTENSIONS, DataError, preprocessing_transform
 from .errors import DynaMixerError, require
 from .files import atomic_write
-from .inference import INPUT_NAME, load_preprocessing, preprocess, save_preprocessing
+from .inference import INPUT_NAME, load_onnx, load_preprocessing, preprocess, save_preprocessing
 
 __all__ = [
     'PARTS', 'DEFAULT_KEEP_FLOAT', 'MODES', 'STATIC_OP_TYPES', 'node_parts', 'check_parts',
@@ -222,6 +222,7 @@ def quantize_onnx(
                              'dynamic quantisation (the default), which needs none')
     keep = check_parts(keep_float)
     src, dst = Path(src), Path(dst)
+    load_onnx(src)  # a broken file gets the message every command gives, not the quantiser's
     config = load_preprocessing(src)
     config = dict(config)
 

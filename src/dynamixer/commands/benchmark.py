@@ -44,8 +44,10 @@ from torch import nn
 from .. import experiments
 from ..argtypes import non_negative_int, positive_int
 from ..errors import DynaMixerError, require
+from ..files import check_output_file
 from ..inference import INPUT_NAME, OUTPUT_NAME, ort_session, save_preprocessing
-from ..measure import END_MARKER, MARKER, count_macs, interleaved_rounds, machine_info, sync, update_markdown, wall_time
+from ..measure import (END_MARKER, MARKER, check_markdown_section, count_macs, interleaved_rounds, machine_info, sync,
+                       update_markdown, wall_time)
 from ..quantize import quantize_model, quantize_onnx
 from .export import export_onnx
 
@@ -444,7 +446,18 @@ def _check_args(args: argparse.Namespace, device: torch.device) -> None:
     check_runtimes(args.runtimes, device)
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path can be written (and --markdown has its section), before anything is measured."""
+    for flag, example in (('csv', 'results.csv'), ('json', 'results.json'), ('markdown', 'BENCHMARKS.md')):
+        path = getattr(args, flag)
+        if path:
+            check_output_file(path, f'--{flag} file', example)
+    if args.markdown:
+        check_markdown_section(args.markdown, args.section)
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     if args.from_json:
         info, rows, notes = read_results(args.from_json)
     else:
