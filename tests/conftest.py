@@ -7,8 +7,13 @@ import torch
 # tests import the slow reference (tests/reference.py) as a plain module
 sys.path.insert(0, os.path.dirname(__file__))
 
-import dynamixer  # noqa: E402,F401  (registers the models with timm)
+import dynamixer  # noqa: E402  (registers the models with timm)
+import timm  # noqa: E402
+from dynamixer.checkpoint import load_model  # noqa: E402
+from dynamixer.commands.train import train  # noqa: E402
+from dynamixer.data import sample_images  # noqa: E402
 from dynamixer.ops import dispatch  # noqa: E402
+from helpers import _make_checkpoint, _run_cli, config, make_folder  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +57,61 @@ def cpu_kernels_built():
         pytest.skip('no C++ compiler on PATH: the compiled CPU kernels cannot be built here')
     assert cpu_kernels.available(), f'the compiled CPU kernels did not build: {cpu_kernels.build_error()}'
     return cpu_kernels
+
+
+# ---- command side: a tiny image folder, a trained run, a checkpoint and its exports (per module)
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp('data'))
+
+@pytest.fixture(scope='module')
+def trained(folder, tmp_path_factory):
+    """One epoch on the tiny folder; shared by the validate / predict / checkpoint tests."""
+    tmp = tmp_path_factory.mktemp('trained')
+    result = train(config(tmp, epochs=1), data=str(folder))
+    return result
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp('deploy')
+
+@pytest.fixture(scope='module')
+def checkpoint(workdir):
+    return _make_checkpoint(workdir / 'nano.pth', dict(drop_path_rate=0.1))
+
+@pytest.fixture(scope='module')
+def model(checkpoint):
+    m, _ = load_model(checkpoint)
+    return m.eval()
+
+@pytest.fixture(scope='module')
+def onnx_export(workdir, checkpoint):
+    pytest.importorskip('onnx')
+    pytest.importorskip('onnxruntime')
+    path = workdir / 'export' / 'nano.onnx'
+    rc, out = _run_cli('export', checkpoint, '--format', 'onnx', '--output', path)
+    return path, rc, out
+
+@pytest.fixture(scope='module')
+def ts_export(workdir, checkpoint):
+    path = workdir / 'export' / 'nano.pt'
+    rc, out = _run_cli('export', checkpoint, '--format', 'torchscript', '--output', path)
+    return path, rc, out
+
+@pytest.fixture(scope='module')
+def real_batch(model):
+    cfg = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**cfg)
+    return torch.stack([transform(im) for im in sample_images(num_digits=6)])
+
+@pytest.fixture(scope='module')
+def image_files(workdir):
+    folder = workdir / 'images'
+    folder.mkdir()
+    paths = []
+    for i, im in enumerate(sample_images(num_digits=3)):
+        p = folder / f'img{i}.png'
+        im.save(p)
+        paths.append(p)
+    return paths

@@ -1,16 +1,30 @@
-"""Shared test helpers. Model side (random weights, nano factories, the authors' key names via
-`dynamixer.layout`) first; command-side helpers go below their own heading."""
+"""Shared test helpers (plain functions and constants; the fixtures are in conftest.py).
+
+Model side: random weights, nano factories, the authors' key names via `dynamixer.layout`.
+Command side: tiny image folders, training configs, random-weight checkpoints in this project's
+format, running `dynamixer` in this process."""
+import contextlib
+import importlib
+import io
+import os
+import sys
 from typing import Dict
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
+from PIL import Image
 
+import dynamixer
+from dynamixer import cli
+from dynamixer.checkpoint import read_checkpoint
+from dynamixer.errors import DynaMixerError
 from dynamixer.layout import ours_to_authors
 from dynamixer.model import DynaMixerBlock, DynaMixerOp, MixerLayer
+from dynamixer.recipes import resolve_config
 
 # ------------------------------------------------------------------------ model side
-
 
 def randomize_(module: nn.Module, std: float = 0.5) -> nn.Module:
     """Weights far from init, so that mixing matrices are peaked and every branch matters."""
@@ -57,51 +71,8 @@ def grads_close(params_a, params_b, rtol: float = 1e-9) -> None:
         assert a.grad is not None and b.grad is not None
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=rtol * b.grad.abs().max().item())
 
+
 # ------------------------------------------------------------------------ command side
-
-
-"""Shared test helpers.
-
-Section "commands" (train / validate / predict / export / hub tests): tiny image folders,
-training configs, random-weight checkpoints in this project's format and exported files. Fixtures
-defined here are imported by the test modules that use them (`from helpers import folder, ...`)."""
-import contextlib
-import copy
-import importlib
-import io
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
-import numpy as np
-import pytest
-import timm
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
-import dynamixer
-from dynamixer import cli
-from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
-from dynamixer.cli import main as cli_main
-from dynamixer.data import sample_images
-from dynamixer.errors import DynaMixerError
-from dynamixer.recipes import resolve_config
-from dynamixer.commands.train import train
-
-try:  # the `onnx` extra; without it only the ONNX tests skip (through the onnx_export fixture)
-    import onnx
-    import onnxruntime as ort
-except ImportError:
-    onnx = ort = None
-
-
-# ==== commands: train / validate / predict / export / hub ========================================
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
 NUM_CLASSES = 10
@@ -144,20 +115,6 @@ def weights(path):
     return read_checkpoint(path)['state_dict']
 
 
-@pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp('data'))
-
-
-@pytest.fixture(scope='module')
-def trained(folder, tmp_path_factory):
-    """One epoch on the tiny folder; shared by the validate / predict / checkpoint tests."""
-    tmp = tmp_path_factory.mktemp('trained')
-    result = train(config(tmp, epochs=1), data=str(folder))
-    return result
-
-
-
 def _run_cli(*argv):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -185,60 +142,9 @@ def _make_checkpoint(path, model_kwargs=None, seed=0, **extra):
     return path
 
 
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp('deploy')
-
-
-@pytest.fixture(scope='module')
-def checkpoint(workdir):
-    return _make_checkpoint(workdir / 'nano.pth', dict(drop_path_rate=0.1))
-
-
-@pytest.fixture(scope='module')
-def model(checkpoint):
-    m, _ = load_model(checkpoint)
-    return m.eval()
-
-
-@pytest.fixture(scope='module')
-def onnx_export(workdir, checkpoint):
-    pytest.importorskip('onnx')
-    pytest.importorskip('onnxruntime')
-    path = workdir / 'export' / 'nano.onnx'
-    rc, out = _run_cli('export', checkpoint, '--format', 'onnx', '--output', path)
-    return path, rc, out
-
-
-@pytest.fixture(scope='module')
-def ts_export(workdir, checkpoint):
-    path = workdir / 'export' / 'nano.pt'
-    rc, out = _run_cli('export', checkpoint, '--format', 'torchscript', '--output', path)
-    return path, rc, out
-
-
-@pytest.fixture(scope='module')
-def real_batch(model):
-    cfg = timm.data.resolve_data_config({}, model=model)
-    transform = timm.data.create_transform(**cfg)
-    return torch.stack([transform(im) for im in sample_images(num_digits=6)])
-
-
 def _logits(model, x):
     with torch.no_grad():
         return model(x).numpy()
-
-
-@pytest.fixture(scope='module')
-def image_files(workdir):
-    folder = workdir / 'images'
-    folder.mkdir()
-    paths = []
-    for i, im in enumerate(sample_images(num_digits=3)):
-        p = folder / f'img{i}.png'
-        im.save(p)
-        paths.append(p)
-    return paths
 
 
 def _add_bad_files(d):
@@ -251,9 +157,6 @@ def _add_bad_files(d):
     buf.unlink()
     (d / 'notes.txt').write_text('ignored: not an image extension')
 
-
-
-# ==== commands: int8 and benchmark (test_quantize, test_benchmark) ===============================
 
 def cli_result(*argv):
     """(exit code, stdout, stderr) of `dynamixer ARGV` in this process. A DynaMixerError that

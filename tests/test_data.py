@@ -1,34 +1,17 @@
 """dynamixer.data: image folders, unreadable images, image modes, transforms, the digits sources and the left-digit task."""
-import contextlib
-import copy
-import io
-import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-import dynamixer
-from dynamixer import cli
-from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.data import DataError, build_datasets, to_rgb
-from dynamixer.data.digits import _compose, _load_digits, left_digit_split, make_left_digit_task
+from dynamixer.data.digits import _load_digits, left_digit_split, make_left_digit_task
 from dynamixer.commands.train import train
-from dynamixer.recipes import ConfigError, RECIPES, resolve_config
-from helpers import (SRC, NUM_CLASSES, CLASS_NAMES, ATOL, _image, make_folder, config, weights, folder, trained,
-                     _run_cli, _make_checkpoint, workdir, checkpoint, model, onnx_export, ts_export, real_batch,
-                     _logits, image_files, onnx, ort, _add_bad_files)  # noqa: F401
+from dynamixer.recipes import resolve_config
+from helpers import _add_bad_files, _image, config, make_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

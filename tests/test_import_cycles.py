@@ -1,10 +1,9 @@
-"""The package's imports go one way: no cycles (imports inside functions included), and imports
-inside functions only of optional dependencies."""
+"""The package's imports go one way: no cycles (imports inside functions included), imports inside
+functions only of optional dependencies, and the library never imports the commands."""
 import ast
 import os
 from typing import Dict, List, Set, Tuple
 
-import pytest
 
 import dynamixer
 
@@ -13,9 +12,6 @@ PACKAGE_DIR = os.path.dirname(dynamixer.__file__)
 # that are slow to import for a command that rarely needs them
 OPTIONAL = {'onnx', 'onnxruntime', 'onnxscript', 'triton', 'huggingface_hub', 'matplotlib', 'sklearn',
             'torchvision', 'tensorboard', 'torch.utils.tensorboard', 'PIL', 'importlib'}
-# command-side cycles and function-level imports the command refactor (a parallel branch) removes;
-# the lead deletes this list when merging both
-KNOWN_COMMAND_SIDE: set = set()  # none left: both sides are cycle-free
 
 
 def _modules() -> Dict[str, str]:
@@ -112,10 +108,6 @@ def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
     return out
 
 
-def _short(name: str) -> str:
-    return name.split('.', 1)[1] if '.' in name else name
-
-
 def test_resolves_relative_and_function_level_imports():
     graph, _ = _graph()
     assert 'dynamixer.ops.dispatch' in graph['dynamixer.model'] and 'dynamixer.layout' in graph['dynamixer.model']
@@ -123,19 +115,22 @@ def test_resolves_relative_and_function_level_imports():
     assert 'dynamixer.files' in graph['dynamixer.checkpoint']
 
 
-def test_no_import_cycles_on_the_model_side():
-    graph, _ = _graph()
-    cycles = _cycles(graph)
-    ours = [c for c in cycles if not all(_short(m) in KNOWN_COMMAND_SIDE for m in c)]
-    assert not ours, ours
-
-
-def test_no_import_cycles_at_all():
+def test_no_import_cycles():
     graph, _ = _graph()
     assert not _cycles(graph)
 
 
 def test_imports_inside_functions_are_optional_dependencies_only():
     _, in_functions = _graph()
-    ours = [(m, text) for m, text in in_functions if _short(m) not in KNOWN_COMMAND_SIDE]
-    assert not ours, ours
+    assert not in_functions, in_functions
+
+
+def test_the_library_never_imports_the_commands():
+    """Commands (dynamixer.commands.*) use the library, never the other way round; only the command
+    line (cli.py, __main__.py) loads them."""
+    graph, _ = _graph()
+    commands = {m for m in graph if m == 'dynamixer.commands' or m.startswith('dynamixer.commands.')}
+    assert 'dynamixer.commands.train' in commands
+    wrong = sorted((m, t) for m in graph if m not in commands and m not in ('dynamixer.cli', 'dynamixer.__main__')
+                   for t in graph[m] if t in commands)
+    assert not wrong, wrong

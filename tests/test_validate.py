@@ -1,31 +1,15 @@
 """`dynamixer validate`: accuracy against independent evaluations; damaged and malicious checkpoints."""
-import contextlib
-import copy
-import io
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-import numpy as np
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-import dynamixer
-from dynamixer import cli
-from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
+from dynamixer.checkpoint import CheckpointError, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.data import DataError
-from helpers import (SRC, NUM_CLASSES, CLASS_NAMES, ATOL, _image, make_folder, config, weights, folder, trained,
-                     _run_cli, _make_checkpoint, workdir, checkpoint, model, onnx_export, ts_export, real_batch,
-                     _logits, image_files, onnx, ort, _add_bad_files)  # noqa: F401
+from helpers import make_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -1,30 +1,13 @@
 """torch.compile of the model (fullgraph, inference and training)."""
-import contextlib
 import copy
-import io
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-import dynamixer
-from dynamixer import cli
-from dynamixer.checkpoint import CheckpointError, load_model, read_checkpoint
-from dynamixer.cli import main as cli_main
-from helpers import (SRC, NUM_CLASSES, CLASS_NAMES, ATOL, _image, make_folder, config, weights, folder, trained,
-                     _run_cli, _make_checkpoint, workdir, checkpoint, model, onnx_export, ts_export, real_batch,
-                     _logits, image_files, onnx, ort, _add_bad_files)  # noqa: F401
+from helpers import NUM_CLASSES
+
 
 def _compile_inference_and_training(backend, model_kwargs=None):
     torch.manual_seed(0)
