@@ -63,8 +63,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, (fn, inputs) in cases.items():
         compiled = torch.compile(fn, dynamic=False)
         with torch.no_grad():
-            times = interleaved_rounds({'eager': lambda: fn(*inputs), 'inductor': lambda: compiled(*inputs)},
-                                       args.rounds, warmup=3)
+            calls = {'eager': lambda fn=fn, inputs=inputs: fn(*inputs),
+                     'inductor': lambda fn=compiled, inputs=inputs: fn(*inputs)}
+            times = interleaved_rounds(calls, args.rounds, warmup=3)
         e, i = median(times['eager']), median(times['inductor'])
         ratio = median([a / b for a, b in zip(times['eager'], times['inductor'])])
         print(f'| {name} | {1e3 * e:.2f} | {1e3 * i:.2f} | {ratio:.2f}x |', flush=True)

@@ -28,12 +28,11 @@ from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
+
 # next to this script: the reference network and bench_speed's training step and variant settings
 from baseline import baseline_model
 from bench_speed import TrainStep, variant_mode
-
-from dynamixer.measure import (check_same_function, count_macs, interleaved_rounds, load_average, matmul_rate,
-                               median)
+from dynamixer.measure import check_same_function, count_macs, interleaved_rounds, load_average, matmul_rate, median
 from dynamixer.ops import cpu_kernels, dispatch
 
 
@@ -120,7 +119,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--latency-only', action='store_true', help='only batch-1 inference')
     p.add_argument('--no-compile', dest='compile', action='store_false')
     p.add_argument('--kernels-all-sizes', action='store_true',
-                   help='add library-all-sizes: the kernels also for sequences under 16 tokens (FAST_PATH_MIN_TOKENS = 1)')
+                   help='add library-all-sizes: the kernels also for sequences under 16 tokens '
+                        '(FAST_PATH_MIN_TOKENS = 1)')
     args = p.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit(f'the CPU kernels are unavailable: {cpu_kernels.build_error()}')
@@ -129,7 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for threads in args.threads:
             res = bench(name, threads, args)
             print(f"\n{name}, {threads} thread(s), matmul rate {res['rate_gflops']:.1f} GFLOP/s, "
-                  f"check vs reference (max relative error): " + ', '.join(f'{k} {v:.1e}' for k, v in res['check'].items()))
+                  'check vs reference (max relative error): '
+              + ', '.join(f'{k} {v:.1e}' for k, v in res['check'].items()))
             print('| measurement | variant | ms per batch | img/s | ratio to reference | % of matmul rate |')
             print('|---|---|---|---|---|---|')
             for r in res['rows']:

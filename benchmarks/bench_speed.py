@@ -56,12 +56,20 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from baseline import baseline_model  # benchmarks/baseline.py, next to this script
 
 import dynamixer
-from dynamixer.measure import (check_same_function, count_macs, interleaved_rounds, load_average, machine_info,
-                               matmul_rate, median, timed_with_usage)
+from baseline import baseline_model  # benchmarks/baseline.py, next to this script
 from dynamixer.experiments import write_json
+from dynamixer.measure import (
+    check_same_function,
+    count_macs,
+    interleaved_rounds,
+    load_average,
+    machine_info,
+    matmul_rate,
+    median,
+    timed_with_usage,
+)
 from dynamixer.ops import cpu_kernels
 from dynamixer.ops.triton_mixing import triton_available
 
@@ -194,7 +202,10 @@ def bench_model(name: str, args, device: torch.device, mm_rates: List[float], mm
         if args.latency:
             fns[f'latency/{k}'] = infer(m, k, x1)
         # training steps work on their own copies so that each variant's AdamW state is its own
-        tm = baseline_model(lib) if k == 'reference' else torch.compile(copy.deepcopy(lib)) if k == 'compiled' else copy.deepcopy(lib)
+        if k == 'reference':
+            tm = baseline_model(lib)
+        else:
+            tm = torch.compile(copy.deepcopy(lib)) if k == 'compiled' else copy.deepcopy(lib)
         train_steps[k] = TrainStep(tm.train(), bt, img, lib.num_classes, device, amp, context=variant_mode(k))
         fns[f'train/{k}'] = train_steps[k]
 
@@ -286,7 +297,8 @@ def print_tables(results: List[Dict], info: Dict) -> None:
                 print(f"| {r['model']} | {k} | {kind} | {u['user_s']:.3f} | {u['sys_s']:.3f} | "
                       f"{u['minor_faults']:.0f} | {ratio:.2f}x |")
     if any('memory' in r for r in results):
-        print('\n| model | variant | step peak above live (MiB) | ratio | live before step (MiB) | total peak (MiB) | ratio |')
+        print('\n| model | variant | step peak above live (MiB) | ratio | live before step (MiB) | total peak (MiB) '
+              '| ratio |')
         print('|---|---|---|---|---|---|---|')
         for r in results:
             mem = r.get('memory')
@@ -294,7 +306,8 @@ def print_tables(results: List[Dict], info: Dict) -> None:
                 continue
             ref = mem['reference']
             for k, v in mem.items():
-                print(f"| {r['model']} | {k} | {v['step_peak_mib']:.0f} | {v['step_peak_mib'] / ref['step_peak_mib']:.2f}x | "
+                print(f"| {r['model']} | {k} | {v['step_peak_mib']:.0f} | "
+                      f"{v['step_peak_mib'] / ref['step_peak_mib']:.2f}x | "
                       f"{v['live_before_mib']:.0f} | {v['total_peak_mib']:.0f} | "
                       f"{v['total_peak_mib'] / ref['total_peak_mib']:.2f}x |")
     print('\nequality checks against the reference (relative error, float32):')
@@ -315,7 +328,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--no-memory', dest='memory', action='store_false')
     p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile rows')
     p.add_argument('--cpu-kernels-all', action='store_true',
-                   help="add the variant 'library-all': DYNAMIXER_CPU_KERNELS=all (also the training MLP's compiled GELU)")
+                   help="add the variant 'library-all': DYNAMIXER_CPU_KERNELS=all (also the training MLP's "
+                        "compiled GELU)")
     p.add_argument('--latency', action='store_true', help='also batch-1 inference latency')
     p.add_argument('--img-size', type=int, default=None, help="input size (default: the model's own)")
     p.add_argument('--matmul-size', type=int, default=None, help='default 2048 (CPU), 8192 (GPU)')

@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import timm
 import torch
 import torch.nn.functional as F
-from baseline import baseline_model  # benchmarks/baseline.py, next to this script
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from baseline import baseline_model  # benchmarks/baseline.py, next to this script
 from dynamixer.measure import interleaved_rounds, load_average, median
 
 aten = torch.ops.aten

@@ -25,8 +25,8 @@ import torch
 
 import dynamixer  # noqa: F401  (registers the models)
 from dynamixer.checkpoint import load_model
-from dynamixer.data import DigitsDataset, left_digit_datasets, preprocessing_transform, sample_images
 from dynamixer.commands.export import export_onnx
+from dynamixer.data import DigitsDataset, left_digit_datasets, preprocessing_transform, sample_images
 from dynamixer.experiments import write_json
 from dynamixer.inference import OnnxClassifier, preprocessing_config, save_preprocessing
 from dynamixer.quantize import quantize_model, quantize_onnx
@@ -142,7 +142,8 @@ def main(argv: Sequence[str] = None) -> int:
                 continue
             rows.append(row(f'PyTorch int8 ({backend})', run_batches(q, x), ref_pt, y, float('nan')))
     print(f'\n{args.checkpoint} ({info.get("model")}, {args.data}, {len(y)} val images)\n')
-    print('| file | top-1 (%) | change vs float | top-1 agreement (%) | max abs logit error | mean abs logit error | MiB | float MatMul/Gemm/Conv |')
+    print('| file | top-1 (%) | change vs float | top-1 agreement (%) | max abs logit error | mean abs logit error '
+          '| MiB | float MatMul/Gemm/Conv |')
     print('|---|---|---|---|---|---|---|---|')
     base = rows[1]['top1']
     for r in rows:

@@ -67,8 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # times no faster than one-thread with spinning on)
                 sessions = {key: ort_session(path, threads, spin=False)
                             for key, path in (('float32', float_path), ('int8', int8_path))}
-                times = interleaved_rounds({key: (lambda s=s: s.run(None, {'x': x})) for key, s in sessions.items()},
-                                           args.rounds, warmup=1)
+                calls = {key: (lambda s=s, x=x: s.run(None, {'x': x})) for key, s in sessions.items()}
+                times = interleaved_rounds(calls, args.rounds, warmup=1)
                 f, q = (median(times[key]) * 1e3 for key in ('float32', 'int8'))
                 print(f'| {name} | {m} x {k} x {n} | {threads} | {f:.1f} | {q:.1f} | {f / q:.2f}x |')
 

@@ -24,11 +24,10 @@ import sys
 import time
 from typing import Dict, List, Sequence, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import timm
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -81,7 +80,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
     step = 0
     if eval_fn is not None and 0 in eval_steps:
         log[0] = eval_fn()
-    for epoch in range(epochs):
+    for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(y))
         for i in range(0, len(y), batch):
@@ -169,7 +168,8 @@ def run_seed(seed: int, sizes: Sequence[int], epochs: int, ft_steps: Sequence[in
             m.load_state_dict(variant_state(state, size, name, seed))
             finetune[(name, size)] = train(
                 m, x_tr, y_tr, epochs=max(1, math.ceil(max(ft_steps) * batch / len(y_tr))), lr=5e-4,
-                batch=batch, seed=seed + 1000, warmup_epochs=0, eval_fn=lambda: accuracy(m, x_te, y_te), eval_steps=ft_steps)
+                batch=batch, seed=seed + 1000, warmup_epochs=0, eval_fn=lambda m=m, x=x_te, y=y_te: accuracy(m, x, y),
+                eval_steps=ft_steps)
     return dict(native=native_acc, train_s=train_s, zero_shot=zero_shot, finetune=finetune)
 
 
@@ -220,16 +220,19 @@ def main(argv=None) -> int:
     if args.ft_sizes:
         lines.append('')
         lines.append(f'Fine-tuning at the new size (AdamW lr 5e-4, batch {args.batch}, cosine; '
-                     f'{math.ceil(len(load_digits_split(0)[1]) / args.batch)} steps = 1 epoch): test accuracy (%) after k steps.')
+                     f'{math.ceil(len(load_digits_split(0)[1]) / args.batch)} steps = 1 epoch): '
+                     'test accuracy (%) after k steps.')
         lines.append('')
         lines.append('| size | start from | ' + ' | '.join(f'k={k}' for k in args.ft_steps) + ' |')
         lines.append('|---|---' + '|---' * len(args.ft_steps) + '|')
         for s in args.ft_sizes:
-            for name, label in (('linear (default)', 'resampled (default)'), ('random generators', 'random generators')):
+            for name, label in (('linear (default)', 'resampled (default)'),
+                                ('random generators', 'random generators')):
                 cells = [mean_std([r['finetune'][(name, s)][k] for r in results]) for k in args.ft_steps]
                 lines.append(f'| {s}x{s} | {label} | ' + ' | '.join(cells) + ' |')
     lines.append('')
-    lines.append(f'Measured with torch {torch.__version__}, timm {timm.__version__}, torch threads: {torch.get_num_threads()} '
+    lines.append(f'Measured with torch {torch.__version__}, timm {timm.__version__}, '
+                 f'torch threads: {torch.get_num_threads()} '
                  f'({platform.processor() or platform.machine()}); training at 32x32 took '
                  f'{mean_std([r["train_s"] for r in results])} s per seed, the whole run {total_s:.0f} s.')
     text = '\n'.join(lines)

@@ -22,11 +22,11 @@ import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import timm
 import dynamixer  # noqa: F401  (registers the models)
 import dynamixer.model as dm
 from dynamixer.measure import load_average, matmul_rate, median
@@ -146,7 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     counts = part_macs(model, args.infer_batch, args.train_batch)
     with torch.inference_mode():
         paths = explain_paths(model.eval(), xi)
-    print('paths (inference): ' + ', '.join(f'{p} x{list(paths.values()).count(p)}' for p in sorted(set(paths.values()))))
+    taken = list(paths.values())
+    print('paths (inference): ' + ', '.join(f'{p} x{taken.count(p)}' for p in sorted(set(taken))))
     instrument()
     results = {}
     for label, fn in (('inference', infer), ('training step', step)):
@@ -162,7 +163,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     mm = matmul_rate(torch.device('cpu'), torch.float32, args.matmul_size)
     rate = median([mm()[0] for _ in range(3)]) / 2          # multiply-adds per second
 
-    print(f'\n{args.model}, {torch.get_num_threads()} thread(s), load average {load_average()}, matmul rate {2 * rate / 1e9:.1f} GFLOP/s; '
+    print(f'\n{args.model}, {torch.get_num_threads()} thread(s), load average {load_average()}, '
+          f'matmul rate {2 * rate / 1e9:.1f} GFLOP/s; '
           f'medians of {args.rounds} runs, milliseconds per batch\n')
     for label, res in results.items():
         macs = counts[label]

@@ -19,11 +19,10 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import timm
 from timm.optim import create_optimizer_v2
 
 import dynamixer  # registers the models

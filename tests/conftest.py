@@ -7,8 +7,9 @@ import torch
 # tests import the slow reference (tests/reference.py) as a plain module
 sys.path.insert(0, os.path.dirname(__file__))
 
-import dynamixer  # noqa: E402  (registers the models with timm)
 import timm  # noqa: E402
+
+import dynamixer  # noqa: E402  (registers the models with timm)
 from dynamixer.checkpoint import load_model  # noqa: E402
 from dynamixer.commands.train import train  # noqa: E402
 from dynamixer.data import sample_images  # noqa: E402
@@ -52,6 +53,7 @@ def cpu_kernels_built():
     later sessions load the cached library). Skipped only without a C++ compiler: a failing build
     with a compiler present is a test failure (the test extra installs ninja)."""
     import shutil
+
     from dynamixer.ops import cpu_kernels
     if shutil.which(os.environ.get('CXX', 'c++').split()[0]) is None:
         pytest.skip('no C++ compiler on PATH: the compiled CPU kernels cannot be built here')

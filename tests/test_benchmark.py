@@ -9,7 +9,8 @@ import torch
 
 from dynamixer.commands import benchmark as bench
 from dynamixer.measure import count_macs
-from helpers import block_import, cli_result as _cli
+from helpers import block_import
+from helpers import cli_result as _cli
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = ['--img-size', '32', '--rounds', '1', '--iters', '1', '--warmup', '1', '--threads', '1', '--no-progress']

@@ -77,7 +77,8 @@ def test_time_parts_smoke():
     # its own process: it wraps the library's functions with timers
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     run = subprocess.run([sys.executable, os.path.join(BENCH, 'time_parts.py'), '--model', 'dynamixer_nano',
-                          '--threads', '1', '--rounds', '1', '--matmul-size', '128'], capture_output=True, text=True, env=env, timeout=300)
+                          '--threads', '1', '--rounds', '1', '--matmul-size', '128'],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert '| mlp_residual_inference_ |' in run.stdout and '| RecomputeGeluMlp.backward |' in run.stdout
 
@@ -144,8 +145,8 @@ def test_int8_accuracy_smoke(tmp_path, capsys):
     from helpers import _make_checkpoint
     kwargs = dict(in_chans=1, img_size=24)
     ckpt = _make_checkpoint(tmp_path / 'ld.pth', kwargs, config=dict(
-        model='dynamixer_nano', model_kwargs=dict(kwargs, num_classes=10), dataset='left-digit', num_train=64, num_val=32, canvas=24,
-        align=4, data_seed=0), class_names=[str(i) for i in range(10)])
+        model='dynamixer_nano', model_kwargs=dict(kwargs, num_classes=10), dataset='left-digit', num_train=64,
+        num_val=32, canvas=24, align=4, data_seed=0), class_names=[str(i) for i in range(10)])
     assert script('int8_accuracy').main([str(ckpt), '--data', 'left-digit', '--calibration-size', '16',
                                          '--configs', 'dynamic, all int8', '--json', str(tmp_path / 'r.json')]) == 0
     rows = json.loads((tmp_path / 'r.json').read_text())

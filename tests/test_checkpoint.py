@@ -5,16 +5,18 @@ import timm
 import torch
 
 from helpers import nano
-from reference import NANO, SMALL, MEDIUM, make_authors_state_dict, reference_logits
+from reference import MEDIUM, NANO, SMALL, make_authors_state_dict, reference_logits
 
 
 def _load(name, path, **kwargs):
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), **kwargs.pop('overlay', {})), **kwargs).eval()
+    overlay = dict(file=str(path), **kwargs.pop('overlay', {}))
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
 
 
 @pytest.mark.parametrize('wrapping', ['state_dict', 'state_dict_ema', 'bare', 'safetensors'])
 def test_authors_checkpoint_gives_reference_logits(tmp_path, wrapping):
     import argparse
+
     from safetensors.torch import save_file
     w64 = make_authors_state_dict(**NANO, num_classes=1000)
     w32 = {k: v.float() for k, v in w64.items()}
@@ -102,14 +104,17 @@ def test_wrong_architecture_is_named(tmp_path):
     with torch.device('meta'):
         other = timm.create_model('dynamixer_m')
     torch.save({'state_dict': {k: torch.zeros(v.shape) for k, v in other.state_dict().items()}}, path)
-    with pytest.raises(ValueError, match=r'does not fit this model.*Checkpoint: layers per stage \(4, 3, 14, 3\).*transition before stage 3.*Model: layers per stage \(4, 3, 8, 3\).*It fits dynamixer_m'):
+    with pytest.raises(ValueError, match=r'does not fit this model.*Checkpoint: layers per stage \(4, 3, 14, 3\)'
+                                         r'.*transition before stage 3.*Model: layers per stage \(4, 3, 8, 3\)'
+                                         r'.*It fits dynamixer_m'):
         _load('dynamixer_s', path)
 
 
 def test_authors_checkpoint_of_other_size_is_named(tmp_path):
     path = tmp_path / 'm.pth'
     torch.save({'state_dict': make_authors_state_dict(**MEDIUM, dtype=torch.float32, num_classes=1000)}, path)
-    with pytest.raises(ValueError, match=r'does not fit this model.*widths \(256, 256, 512, 512\).*It fits dynamixer_m'):
+    with pytest.raises(ValueError,
+                       match=r'does not fit this model.*widths \(256, 256, 512, 512\).*It fits dynamixer_m'):
         _load('dynamixer_s', path)
 
 

@@ -36,7 +36,7 @@ def _compile_inference_and_training(backend, model_kwargs=None):
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, p0), p1 in zip(eager_t.named_parameters(), comp_t.parameters()):
-        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f'{name}: {m}')
         torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
 
 

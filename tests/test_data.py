@@ -1,4 +1,5 @@
-"""dynamixer.data: image folders, unreadable images, image modes, transforms, the digits sources and the left-digit task."""
+"""dynamixer.data: image folders, unreadable images, image modes, transforms, the digits sources and the
+left-digit task."""
 import os
 
 import numpy as np
@@ -7,9 +8,9 @@ import torch
 from PIL import Image
 
 from dynamixer.cli import main as cli_main
+from dynamixer.commands.train import train
 from dynamixer.data import DataError, build_datasets, to_rgb
 from dynamixer.data.digits import _load_digits, left_digit_split, make_left_digit_task
-from dynamixer.commands.train import train
 from dynamixer.recipes import resolve_config
 from helpers import _add_bad_files, _image, config, make_folder
 
@@ -88,6 +89,7 @@ def test_image_modes_become_rgb(tmp_path):
 
 def test_eval_transform_uses_the_models_crop_pct_and_interpolation():
     import timm
+
     from dynamixer.data import eval_transform
     for name, crop in (('dynamixer_s', 0.9), ('dynamixer_l', 0.875)):
         with torch.device('meta'):

@@ -13,9 +13,8 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet  # noqa
 
 from dynamixer import pyramid_backbone  # noqa: E402
 from dynamixer.cli import build_parser, main  # noqa: E402
-from dynamixer.dense import (  # noqa: E402
-    DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets)
 from dynamixer.commands.dense import build_detector, evaluate, train_and_evaluate  # noqa: E402
+from dynamixer.dense import DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets  # noqa: E402
 from dynamixer.errors import DynaMixerError, MissingDependencyError  # noqa: E402
 from reference import NANO, make_authors_state_dict  # noqa: E402
 

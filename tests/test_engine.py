@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 
 from dynamixer import engine
-from dynamixer.engine import (NonFiniteLoss, Process, evaluate, resolve_device, rng_state,
-                              set_rng_state, train_one_epoch)
+from dynamixer.engine import NonFiniteLoss, Process, evaluate, resolve_device, rng_state, set_rng_state, train_one_epoch
 
 
 def test_evaluate_matches_a_direct_computation():

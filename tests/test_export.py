@@ -12,8 +12,12 @@ import torch
 
 from dynamixer.checkpoint import load_model
 from dynamixer.commands.export import (
-    class_names_for, eval_transform, load_preprocessing, preprocessing_config,
-    preprocessing_path, sample_images,
+    class_names_for,
+    eval_transform,
+    load_preprocessing,
+    preprocessing_config,
+    preprocessing_path,
+    sample_images,
 )
 from helpers import ATOL, CLASS_NAMES, NUM_CLASSES, _logits, _make_checkpoint, _run_cli
 

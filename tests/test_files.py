@@ -3,14 +3,15 @@ import math
 
 import pytest
 import torch
+from test_checkpoint import _load
 
 from helpers import nano
-from test_checkpoint import _load
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'empty', 'text', 'missing', 'truncated_safetensors'])
 def test_broken_checkpoint_files(tmp_path, damage):
     from safetensors.torch import save_file
+
     from dynamixer import CheckpointError
     path = tmp_path / 'ckpt.pth'
     torch.save(nano().state_dict(), path)
@@ -63,6 +64,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 def test_safetensors_metadata_schema_round_trip_and_old_files(tmp_path):
     from safetensors.torch import save_file
+
     from dynamixer import files
     sd = {'w': torch.arange(6.).view(2, 3)}
     meta = files.safetensors_metadata('dynamixer_nano', {'img_size': 48}, ['a', 'b'], preprocessing={'crop_pct': 1.0})

@@ -14,6 +14,7 @@ import torch
 from dynamixer.checkpoint import load_model
 from helpers import CLASS_NAMES, NUM_CLASSES, SRC, _logits, _make_checkpoint, _run_cli
 
+
 @pytest.fixture(scope='module')
 def hub_checkpoint(workdir):
     # an ablation architecture (plain-sum block): the Hub config must carry the argument

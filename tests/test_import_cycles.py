@@ -4,7 +4,6 @@ import ast
 import os
 from typing import Dict, List, Set, Tuple
 
-
 import dynamixer
 
 PACKAGE_DIR = os.path.dirname(dynamixer.__file__)

@@ -84,6 +84,7 @@ def test_update_markdown_replaces_only_its_section(tmp_path):
     assert doc.read_text() == '<!-- dynamixer benchmark: s -->\nfirst\n<!-- /dynamixer benchmark: s -->\n'
     doc.write_text('before\n' + doc.read_text() + 'after\n')
     assert measure.update_markdown(str(doc), 's', 'second\n') is True
-    assert doc.read_text() == 'before\n<!-- dynamixer benchmark: s -->\nsecond\n<!-- /dynamixer benchmark: s -->\nafter\n'
+    assert doc.read_text() == ('before\n<!-- dynamixer benchmark: s -->\nsecond\n'
+                               '<!-- /dynamixer benchmark: s -->\nafter\n')
     with pytest.raises(DynaMixerError, match='other'):
         measure.update_markdown(str(doc), 'other', 'x')

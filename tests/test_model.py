@@ -1,18 +1,17 @@
 """The model library against the spec: numerics, sizes, the timm API and input checks."""
-import math
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
-
-import timm
 from timm.models import group_parameters
+from torch.utils.flop_counter import FlopCounterMode
 
 from dynamixer import DynaMixerBlock, DynaMixerOp, MixerLayer, list_models
 from helpers import authors_names, nano, randomize_
 from reference import (
-    NANO, SMALL, MEDIUM, make_authors_state_dict, reference_block, reference_layer, reference_logits,
+    reference_block,
+    reference_layer,
     reference_op,
 )
 
@@ -38,7 +37,7 @@ def test_op_gradients_match_reference():
     ref_grads = torch.autograd.grad((reference_op(x, w, 'mix_h') * g_out).sum(), list(w.values()))
     ours = {n: g for (n, _), g in zip(op.named_parameters(), grads)}
     theirs = dict(zip(w.keys(), ref_grads))
-    for (name, g), key in zip(ours.items(), authors_names(op, 'mix_h')):   # same order
+    for (_, g), key in zip(ours.items(), authors_names(op, 'mix_h')):   # same order
         torch.testing.assert_close(g, theirs[key], rtol=1e-9, atol=1e-10)
 
 

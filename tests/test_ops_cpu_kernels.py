@@ -17,7 +17,6 @@ import torch
 import dynamixer
 from dynamixer.ops import dispatch
 from dynamixer.ops.mixing import DynamicMix, reduced_token_major
-
 from reference import reference_op
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -318,6 +317,7 @@ def test_build_tools_are_found_or_named(monkeypatch, tmp_path):
     virtual environment that is not activated) goes on PATH; a missing one is named."""
     import stat
     import sysconfig
+
     from dynamixer.ops import cpu_kernels
     bin_dir, scripts = tmp_path / 'bin', tmp_path / 'scripts'
     for d, tool in ((bin_dir, 'c++'), (scripts, 'ninja')):

@@ -7,12 +7,9 @@ import timm
 import torch
 
 import dynamixer
-from dynamixer.ops import dispatch
 from dynamixer.model import DynaMixerBlock, DynaMixerOp, MixerLayer
-
-from helpers import authors_names, grads_close, random_nano, randomize_
-from reference import reference_block, reference_logits, reference_op, make_authors_state_dict
-
+from dynamixer.ops import dispatch
+from helpers import random_nano, randomize_
 
 # these files test the fast path with its eager PyTorch kernels (ops.mixing, ops.mlp) on small
 # modules; the compiled CPU kernels are tested in test_ops_cpu_kernels.py
@@ -302,7 +299,8 @@ def test_cpu_kernels_switch_values():
     finally:
         dynamixer.set_cpu_kernels(before)
     assert dynamixer.cpu_kernels_mode() == before
-    with pytest.raises(DynaMixerError, match=r"set_cpu_kernels\(mode\) = 'fastest' is not understood: use 0 .* 1 .* all"):
+    with pytest.raises(DynaMixerError,
+                       match=r"set_cpu_kernels\(mode\) = 'fastest' is not understood: use 0 .* 1 .* all"):
         dynamixer.set_cpu_kernels('fastest')
     assert dynamixer.cpu_kernels_mode() == before
 
@@ -322,6 +320,7 @@ def test_failed_build_falls_back_to_the_eager_kernels_once(monkeypatch, tmp_path
     RuntimeWarning with the reason and the switch that silences it, then the eager fast path,
     computing the same function; no compiler: the reason names it."""
     import warnings
+
     from dynamixer.ops import cpu_kernels
     broken = tmp_path / 'csrc'
     broken.mkdir()

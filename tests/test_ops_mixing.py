@@ -1,20 +1,20 @@
 """ops/mixing.py and the fast forms of the op and block (ops/fast_forms.py) against slow
 independent references: tests/reference.py in float64, gradcheck, unchunked forms."""
-import copy
 
 import pytest
-import timm
 import torch
 
 import dynamixer
-from dynamixer.ops import dispatch
-from dynamixer.model import DynaMixerBlock, DynaMixerOp, MixerLayer
-
-from helpers import authors_names, grads_close, random_nano, randomize_
+from dynamixer.model import DynaMixerBlock, DynaMixerOp
 from dynamixer.ops.mixing import (
-    DynamicMix, ReweightedSum, generator_rows_out_major, reduced_token_major, reweighted_sum)
-from reference import reference_block, reference_logits, reference_op, make_authors_state_dict
-
+    DynamicMix,
+    ReweightedSum,
+    generator_rows_out_major,
+    reduced_token_major,
+    reweighted_sum,
+)
+from helpers import authors_names, grads_close, randomize_
+from reference import make_authors_state_dict, reference_block, reference_logits, reference_op
 
 # these files test the fast path with its eager PyTorch kernels (ops.mixing, ops.mlp) on small
 # modules; the compiled CPU kernels are tested in test_ops_cpu_kernels.py
@@ -123,7 +123,8 @@ def test_dynamic_mix_chunking(monkeypatch, sequences_per_chunk):
     grads = torch.autograd.grad(whole, (x4, r2, w, bias), g)
     monkeypatch.setattr(fm, 'CHUNK_ELEMENTS', sequences_per_chunk * s * n * n)
     chunks = fm._chunks(x4, s)
-    assert len(chunks) == (b * -(-l // sequences_per_chunk) if sequences_per_chunk < l else -(-b // (sequences_per_chunk // l)))
+    expected = b * -(-l // sequences_per_chunk) if sequences_per_chunk < l else -(-b // (sequences_per_chunk // l))
+    assert len(chunks) == expected
     chunked = DynamicMix.apply(x4, r2, w, bias, s)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     for a, c in zip(torch.autograd.grad(chunked, (x4, r2, w, bias), g), grads):

@@ -1,17 +1,12 @@
 """ops/mlp.py: the channel MLP's fast forms against the plain layer and gradcheck."""
-import copy
 
 import pytest
-import timm
 import torch
 
 import dynamixer
+from dynamixer.model import MixerLayer
 from dynamixer.ops import dispatch
-from dynamixer.model import DynaMixerBlock, DynaMixerOp, MixerLayer
-
-from helpers import authors_names, grads_close, random_nano, randomize_
-from reference import reference_block, reference_logits, reference_op, make_authors_state_dict
-
+from helpers import randomize_
 
 # these files test the fast path with its eager PyTorch kernels (ops.mixing, ops.mlp) on small
 # modules; the compiled CPU kernels are tested in test_ops_cpu_kernels.py
@@ -45,10 +40,13 @@ def test_layer_inference_path_equals_plain_layer(monkeypatch, chunk):
 def test_recompute_gelu_mlp_gradcheck_and_layer_training():
     from dynamixer.ops.mlp import RecomputeGeluMlp
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    w1, b1 = torch.randn(9, 4, dtype=torch.float64, requires_grad=True), torch.randn(9, dtype=torch.float64, requires_grad=True)
-    w2, b2 = torch.randn(4, 9, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(9, 4, **f64), torch.randn(9, **f64)
+    w2, b2 = torch.randn(4, 9, **f64), torch.randn(4, **f64)
     for approximate in ('none', 'tanh'):
-        assert torch.autograd.gradcheck(lambda *a: RecomputeGeluMlp.apply(*a, approximate), (x, w1, b1, w2, b2))
+        def mlp(*a, approximate=approximate):
+            return RecomputeGeluMlp.apply(*a, approximate)
+        assert torch.autograd.gradcheck(mlp, (x, w1, b1, w2, b2))
     # in a training layer it replaces the MLP module: same output and gradients as the plain layer
     layer = randomize_(MixerLayer(12, (5, 7), 3, 3).double(), std=0.3).train()
     x = torch.randn(2, 5, 7, 12, dtype=torch.float64, requires_grad=True)

@@ -37,6 +37,7 @@ def _reference(x4, r2, weight, bias, s):
 
 def _check(case: str) -> None:
     import torch
+
     from dynamixer.ops.mixing import generator_rows_out_major
     from dynamixer.ops.triton_mixing import triton_available, triton_dynamic_mix, triton_mix_forward
     assert triton_available()

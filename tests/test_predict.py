@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_predict_top_k_with_class_names(trained, folder, capsys, tmp_path):
-    from dynamixer.commands.predict import format_predictions, preprocess, topk, load_inference_model
+    from dynamixer.commands.predict import format_predictions, load_inference_model, preprocess, topk
     from dynamixer.data import eval_transform
     ckpt = os.path.join(trained['output'], 'last.pth')
     imgs = [str(folder / 'val' / 'a' / '0.png'), str(folder / 'val' / 'b' / '1.png')]

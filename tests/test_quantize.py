@@ -20,7 +20,8 @@ from dynamixer.data import load_image
 from dynamixer.errors import DynaMixerError, MissingDependencyError
 from dynamixer.inference import OnnxClassifier
 from dynamixer.quantize import DEFAULT_KEEP_FLOAT, node_parts, quantize_model, quantize_onnx
-from helpers import block_import, cli_result as _cli
+from helpers import block_import
+from helpers import cli_result as _cli
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')

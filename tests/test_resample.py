@@ -6,18 +6,21 @@ import re
 import sys
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
-import timm
-
-import dynamixer
-from helpers import to_authors
 from dynamixer.checkpoint import load_model
 from dynamixer.model import DynaMixerOp, checkpoint_filter_fn
 from dynamixer.resample import (
-    resample_generator, resample_state_dict, resample_static_logits, resample_to_shapes, resampling_matrix,
-    trained_img_size)
+    resample_generator,
+    resample_state_dict,
+    resample_static_logits,
+    resample_to_shapes,
+    resampling_matrix,
+    trained_img_size,
+)
+from helpers import to_authors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NANO = 'dynamixer_nano'  # patch 4, one transition (before stage 2): sizes are multiples of 8

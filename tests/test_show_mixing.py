@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from dynamixer import cli
-from dynamixer.data.digits import make_left_digit_task
 from dynamixer.commands.show_mixing import capture_mixing
+from dynamixer.data.digits import make_left_digit_task
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

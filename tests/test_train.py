@@ -16,9 +16,9 @@ from PIL import Image
 
 from dynamixer.checkpoint import CheckpointError, read_checkpoint
 from dynamixer.cli import main as cli_main
+from dynamixer.commands.train import TrainingError, train
 from dynamixer.data import build_datasets
 from dynamixer.recipes import ConfigError, resolve_config
-from dynamixer.commands.train import TrainingError, train
 from helpers import SRC, _add_bad_files, _image, config, make_folder, weights
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -184,8 +184,9 @@ def test_training_on_mixed_image_modes(tmp_path):
     train_set, _, _, report = build_datasets(config(tmp_path), str(folder))
     assert len(train_set) == 21 and not report['bad_images']
     train_set.transform = lambda im: im  # the raw loaded image, before the RGB conversion in the transform
-    from dynamixer.data import build_transforms
     import timm
+
+    from dynamixer.data import build_transforms
     tf, _ = build_transforms(config(tmp_path), timm.create_model('dynamixer_nano', num_classes=2))
     for i in range(len(train_set)):
         x, _ = train_set[i]
@@ -231,6 +232,7 @@ def test_mixed_precision_on_cpu(folder, tmp_path, amp):
 
 def test_transfer_recipe_new_head_and_body_lr(trained, tmp_path):
     import timm
+
     from dynamixer.commands.train import _load_pretrained
     ckpt = os.path.join(trained['output'], 'last.pth')
     three = make_folder(tmp_path / 'three', classes=('a', 'b', 'c'), n_train=4, n_val=2)

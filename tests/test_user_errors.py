@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
-import timm
 from dynamixer import cli
 
 pytestmark = pytest.mark.usefixtures('one_thread')

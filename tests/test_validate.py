@@ -38,9 +38,11 @@ def test_validate_authors_checkpoint_against_the_reference(folder, tmp_path):
     """An authors'-layout checkpoint ('module.' keys, pickled Namespace), labelled in folder order,
     scored against the slow float64 transcription of the spec (tests/reference.py)."""
     import argparse
+
     import timm
-    from reference import NANO, make_authors_state_dict, reference_logits
+
     from dynamixer.commands.validate import validate
+    from reference import NANO, make_authors_state_dict, reference_logits
     w64 = make_authors_state_dict(**NANO, num_classes=2, scale=0.1)
     path = tmp_path / 'authors.pth.tar'
     torch.save({'state_dict': {'module.' + k: v.float() for k, v in w64.items()},

@@ -5,16 +5,22 @@ Importing the package registers ``dynamixer_s``, ``dynamixer_m``, ``dynamixer_l`
 """
 from typing import List
 
-from .model import (
-    DynaMixer, DynaMixerBlock, DynaMixerOp, DynaMixerStage, MixerLayer, MODEL_ARGS,
-    checkpoint_filter_fn, token_grids,
-)
 from .checkpoint import CheckpointError, load_model, read_checkpoint, validate_checkpoint_file
+from .dense import pyramid_backbone
 from .errors import DynaMixerError
 from .layout import unwrap_state_dict
+from .model import (
+    MODEL_ARGS,
+    DynaMixer,
+    DynaMixerBlock,
+    DynaMixerOp,
+    DynaMixerStage,
+    MixerLayer,
+    checkpoint_filter_fn,
+    token_grids,
+)
 from .ops import cpu_kernels_mode, explain_paths, fast_path_enabled, set_cpu_kernels, set_fast_path
 from .resample import resample_state_dict
-from .dense import pyramid_backbone
 
 __version__ = '0.1.0'
 

@@ -25,8 +25,10 @@ COMMANDS = {
     'train': ('dynamixer.commands.train', 'train a model (default: dynamixer_nano on the embedded digits)'),
     'validate': ('dynamixer.commands.validate', 'top-1/top-5 accuracy and loss of a checkpoint on a data set'),
     'predict': ('dynamixer.commands.predict', 'classify image files with a checkpoint'),
-    'export': ('dynamixer.commands.export', 'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
-    'push-to-hub': ('dynamixer.commands.hub', 'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
+    'export': ('dynamixer.commands.export',
+               'export a checkpoint to ONNX, TorchScript or safetensors, with its preprocessing'),
+    'push-to-hub': ('dynamixer.commands.hub',
+                    'write a Hugging Face Hub folder (config, safetensors, model card) or push it'),
     'ablate': ('dynamixer.commands.ablate', 'train a grid of model variants (dynamic vs static mixing, d, S, '
                                    'block) and tabulate top-1 over seeds'),
     'benchmark': ('dynamixer.commands.benchmark', 'throughput and latency of models (this library\'s and timm\'s) per '

@@ -53,9 +53,10 @@ def load_average() -> Optional[List[float]]:
         return None
 
 
-def machine_info(device: torch.device = torch.device('cpu')) -> Dict[str, Any]:
+def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
     """Machine, library versions, threads, load and the C allocator's settings: the record printed
     (and stored) with every measurement."""
+    device = device or torch.device('cpu')
     info: Dict[str, Any] = dict(
         machine=platform.machine(), system=platform.system(), python=platform.python_version(),
         cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,

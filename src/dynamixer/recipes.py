@@ -20,8 +20,16 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
-from .argtypes import (Bounded, OrWord, non_negative_float, non_negative_int, positive_float, positive_int,
-                       probability, unit_interval)
+from .argtypes import (
+    Bounded,
+    OrWord,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    unit_interval,
+)
 from .errors import DynaMixerError
 
 __all__ = ['OPTIONS', 'RANGES', 'RECIPES', 'DEFAULTS', 'ConfigError', 'get_recipe', 'resolve_config',
@@ -94,7 +102,8 @@ OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
     # runtime
     'amp': ('auto', str, "mixed precision: 'auto' (bf16 or fp16 on GPUs, off on CPUs), 'bf16', 'fp16', 'none'"),
     'compile': (False, bool, 'torch.compile the model'),
-    'compile_backend': ('inductor', str, "torch.compile backend ('inductor'; 'aot_eager' compiles without code generation)"),
+    'compile_backend': ('inductor', str,
+                        "torch.compile backend ('inductor'; 'aot_eager' compiles without code generation)"),
     'device': ('auto', str, "'auto', 'cpu', 'cuda'"),
     'threads': (0, int, 'CPU threads per process (0: all cores / processes per node); 1 is fastest on a busy machine'),
     'seed': (0, int, 'random seed (same seed, same data, same run)'),
@@ -171,7 +180,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     'imagenet-s': dict(_IMAGENET, model='dynamixer_s', batch_size=2048, drop_path=0.1),
     'imagenet-m': dict(_IMAGENET, model='dynamixer_m', batch_size=1024, drop_path=0.1),
     'imagenet-l': dict(_IMAGENET, model='dynamixer_l', batch_size=512, drop_path=0.3),
-    # Transfer learning (spec section 5; 'momentum' is timm's plain SGD with momentum, 'sgd' is Nesterov): pretrained body at 0.01x the head's lr, new head, 224x224.
+    # Transfer learning (spec section 5; 'momentum' is timm's plain SGD with momentum, 'sgd' is
+    # Nesterov): pretrained body at 0.01x the head's lr, new head, 224x224.
     'transfer': dict(
         model='dynamixer_s', img_size=224, new_head=True, body_lr_scale=0.01, opt='momentum', lr=0.01,
         momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=60, sched='cosine',
@@ -199,7 +209,8 @@ def get_recipe(name: str) -> Dict[str, Any]:
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Check and convert one setting's value to the type OPTIONS declares for it."""
     kind = OPTIONS[key][1]
-    if isinstance(kind, str) and kind.endswith('?') and isinstance(value, str) and value.lower() in ('none', 'null', ''):
+    if (isinstance(kind, str) and kind.endswith('?') and isinstance(value, str)
+            and value.lower() in ('none', 'null', '')):
         value = None  # lets the command line switch off a setting a recipe turns on
     if value is None:
         if isinstance(kind, str) and kind.endswith('?'):

@@ -342,7 +342,8 @@ def resample_state_dict(
         raise ValueError(f'image size must be an int or a pair of ints (H, W); got {target!r}')
     if layout.is_authors_layout(sd):   # resampled in our layout, returned in the authors'
         ours = layout.authors_to_ours(sd)
-        return layout.ours_to_authors(_resample_entries(ours, _weights_grids(ours, img_size), mode, method, temperature))
+        resampled = _resample_entries(ours, _weights_grids(ours, img_size), mode, method, temperature)
+        return layout.ours_to_authors(resampled)
     return _resample_entries(sd, _weights_grids(sd, img_size), mode, method, temperature)
 
 

@@ -14,9 +14,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .errors import require
-
 from . import files
+from .errors import require
 from .files import OutputError, atomic_save_figure, atomic_torch_save, atomic_write_text, safetensors_metadata
 
 __all__ = ['RunLog', 'atomic_torch_save', 'atomic_write_text', 'save_safetensors', 'plot_history']

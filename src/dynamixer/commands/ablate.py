@@ -32,10 +32,9 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
+import timm
 import torch
 import torch.distributed as dist
-
-import timm
 
 from .. import experiments, measure
 from ..argtypes import non_negative_int, positive_int

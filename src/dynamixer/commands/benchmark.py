@@ -46,8 +46,17 @@ from ..argtypes import non_negative_int, positive_int
 from ..errors import DynaMixerError, require
 from ..files import check_output_file
 from ..inference import INPUT_NAME, OUTPUT_NAME, ort_session, save_preprocessing
-from ..measure import (END_MARKER, MARKER, check_markdown_section, count_macs, interleaved_rounds, machine_info, sync,
-                       update_markdown, wall_time)
+from ..measure import (
+    END_MARKER,
+    MARKER,
+    check_markdown_section,
+    count_macs,
+    interleaved_rounds,
+    machine_info,
+    sync,
+    update_markdown,
+    wall_time,
+)
 from ..quantize import quantize_model, quantize_onnx
 from .export import export_onnx
 
@@ -287,17 +296,17 @@ def benchmark(args: argparse.Namespace,
                         if device.type == 'cuda':
                             torch.cuda.empty_cache()
 
-                def fail(key: Tuple[str, str], e: Exception) -> None:
+                def fail(key: Tuple[str, str], e: Exception, failed: Dict[str, str] = failed) -> None:
                     failed[key[0]] = _failure(e)
                     if device.type == 'cuda':
                         torch.cuda.empty_cache()
 
-                progress(f'[{mi + 1}/{len(names)}] {name} batch {bs}: {args.rounds} rounds')
+                where = f'[{mi + 1}/{len(names)}] {name} batch {bs}'
+                progress(f'{where}: {args.rounds} rounds')
                 times = interleaved_rounds(
                     fns, args.rounds, timer=lambda fn: wall_time(fn, device, args.iters),
-                    after_round=lambda r: progress(f'[{mi + 1}/{len(names)}] {name} batch {bs}: '
-                                                   f'round {r + 1}/{args.rounds} done'),
-                    skip=lambda key: key[0] in failed, on_error=fail)
+                    after_round=lambda r, where=where: progress(f'{where}: round {r + 1}/{args.rounds} done'),
+                    skip=lambda key, failed=failed: key[0] in failed, on_error=fail)
                 fns.clear()  # free this batch size's inputs before the next
                 for v in variants:
                     row: Dict[str, Any] = dict(

@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import require
 from ..argtypes import Bounded, non_negative_int, positive_float, positive_int
-from ..files import atomic_write_text, check_output_folder, validate_checkpoint_file
 from ..dense.backbone import PYRAMIDS, DenseError, PyramidBackbone, detector_kwargs, pyramid_backbone
 from ..dense.digits_detection import CLASS_NAMES, NUM_CLASSES, DigitsDetection, validate_targets
 from ..dense.segmentation import SegmentationModel
+from ..errors import require
+from ..files import atomic_write_text, check_output_folder, validate_checkpoint_file
 
 __all__ = ['build_detector', 'train_and_evaluate', 'DETECTORS', 'add_arguments', 'run']
 
@@ -255,7 +255,7 @@ def draw_predictions(path: str, val: DigitsDetection, shown: Sequence[Tuple[str,
         img = val.images[j].permute(1, 2, 0).numpy()
         axes[0, j].imshow(img)
         boxes(axes[0, j], val.targets[j]['boxes'], val.targets[j]['labels'], 'lime')
-        for r, (title, preds) in enumerate(shown, start=1):
+        for r, (_title, preds) in enumerate(shown, start=1):
             ax = axes[r, j]
             if isinstance(preds[j], dict):
                 ax.imshow(img)

@@ -33,11 +33,20 @@ from ..argtypes import Bounded, non_negative_float, positive_int
 from ..checkpoint import load_model
 from ..data import class_names_for, preprocessing_transform, sample_images
 from ..errors import DynaMixerError, require
-from ..files import (OutputError, atomic_write, check_output_file, safetensors_metadata,
-                    save_safetensors)
-from ..inference import (INPUT_NAME, OUTPUT_NAME, PREPROCESSING_SUFFIX, OnnxClassifier, is_onnx_file,
-                        load_preprocessing, ort_session, predict_onnx, preprocessing_config, preprocessing_path,
-                         save_preprocessing)
+from ..files import OutputError, atomic_write, check_output_file, safetensors_metadata, save_safetensors
+from ..inference import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PREPROCESSING_SUFFIX,
+    OnnxClassifier,
+    is_onnx_file,
+    load_preprocessing,
+    ort_session,
+    predict_onnx,
+    preprocessing_config,
+    preprocessing_path,
+    save_preprocessing,
+)
 from ..onnx_graph import softmax_on_last_axis
 from ..quantize import DEFAULT_KEEP_FLOAT, check_parts, compare_logits, quantize_model, quantize_onnx
 
@@ -343,7 +352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='model file to write (default: next to the checkpoint, with the format\'s '
                              'extension); the preprocessing JSON goes next to it')
     parser.add_argument('--opset', type=Bounded(int, MIN_OPSET), default=DEFAULT_OPSET,
-                        help=f'ONNX opset, from {MIN_OPSET} to the newest the installed onnx knows (default %(default)s)')
+                        help=f'ONNX opset, from {MIN_OPSET} to the newest the installed onnx knows '
+                             '(default %(default)s)')
     parser.add_argument('--atol', type=non_negative_float, default=1e-4,
                         help='largest max abs logit error accepted against PyTorch (default %(default)g)')
     int8 = parser.add_argument_group('int8 (see docs/deploy.md)')

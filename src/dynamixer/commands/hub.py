@@ -25,9 +25,9 @@ from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
 from ..checkpoint import load_model, read_checkpoint
-from ..measure import count_macs
 from ..errors import DynaMixerError, require
 from ..files import atomic_write_text, check_output_folder
+from ..measure import count_macs
 from ..model import MODEL_ARGS
 
 PathLike = Union[str, os.PathLike]

@@ -3,9 +3,8 @@ import argparse
 import time
 from typing import Dict, List
 
-import torch
-
 import timm
+import torch
 
 from ..measure import count_macs
 from ..model import MODEL_ARGS

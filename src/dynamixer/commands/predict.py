@@ -59,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
             all_ranked += topk(probs, names, args.top_k)
     if all_paths:
         print(format_predictions(all_paths, all_ranked, args.json))
-    for p, e in failed_all:
+    for _, e in failed_all:
         print(f'error: {e}', file=sys.stderr)
     return 1 if failed_all else 0

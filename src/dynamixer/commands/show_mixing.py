@@ -26,7 +26,8 @@ __all__ = ['capture_mixing', 'load_images', 'plot_mixing']
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('checkpoint', help='a training checkpoint (e.g. a run of dynamixer ablate: OUT/runs/VARIANT__seedK/last.pth)')
+    parser.add_argument('checkpoint',
+                        help='a training checkpoint (e.g. a run of dynamixer ablate: OUT/runs/VARIANT__seedK/last.pth)')
     parser.add_argument('images', nargs='*', help='image files (resized to the model\'s input size)')
     parser.add_argument('--digits', type=non_negative_int, default=0, metavar='N',
                         help='also draw N val canvases of the built-in left-digit task')
@@ -46,14 +47,15 @@ def _block(model: torch.nn.Module, layer: str) -> DynaMixerBlock:
     except AttributeError:
         names = [n for n, x in model.named_modules() if isinstance(x, DynaMixerBlock)]
         raise UsageError(f'--layer {layer!r} is not in the model; mixer blocks: '
-                         f'{", ".join(n.rsplit(".token_mixer", 1)[0] for n in names)}')
+                         f'{", ".join(n.rsplit(".token_mixer", 1)[0] for n in names)}') from None
     m = getattr(m, 'token_mixer', m)
     if not isinstance(m, DynaMixerBlock):
         raise UsageError(f'--layer {layer!r} is a {type(m).__name__}, not a mixer layer')
     return m
 
 
-def capture_mixing(model: torch.nn.Module, x: torch.Tensor, layer: str = 'stages.0.blocks.0') -> Tuple[torch.Tensor, torch.Tensor]:
+def capture_mixing(model: torch.nn.Module, x: torch.Tensor,
+                   layer: str = 'stages.0.blocks.0') -> Tuple[torch.Tensor, torch.Tensor]:
     """Mixing matrices of one layer for images x (B, C, H, W).
 
     Returns (P_h, P_w): P_h (B, W', S, H', H') per token column, P_w (B, H', S, W', W') per token

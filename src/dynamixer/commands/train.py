@@ -23,12 +23,11 @@ import os
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
+import timm
 import torch
 import torch.distributed as dist
-import yaml
 import torch.nn as nn
-
-import timm
+import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -38,8 +37,18 @@ from timm.utils import ModelEmaV3, NativeScaler
 from .. import __version__
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..data import DataError, build_datasets, build_transforms
-from ..engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
-                     setup_process, train_one_epoch, worker_init)
+from ..engine import (
+    NonFiniteLoss,
+    Process,
+    evaluate,
+    resolve_amp,
+    rng_state,
+    seed_epoch,
+    set_rng_state,
+    setup_process,
+    train_one_epoch,
+    worker_init,
+)
 from ..errors import DynaMixerError
 from ..files import check_output_folder
 from ..layout import unwrap_state_dict

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Tuple
 from timm.data import create_dataset
 
 from ..errors import require
-
 from .digits import DigitsDataset, LeftDigitDataset, left_digit_datasets, sample_images
 from .folders import check_image_folder, find_split, image_folder_dataset
 from .images import IMAGE_EXTENSIONS, DataError, load_image, scan_images, to_rgb

@@ -21,11 +21,10 @@ import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import timm
 
 from ..errors import DynaMixerError, UsageError, require
 from ..files import read_checkpoint

@@ -11,8 +11,9 @@ matrices of every sequence. Here:
   multiplies the tokens.
 * Sequences are processed in chunks whose mixing matrices fit in 2 MiB: generate, normalise,
   gather the chunk's tokens into one contiguous (sequence x segment, N, C/S) block, one batched
-  GEMM, scatter the result into the output, into buffers reused from chunk to chunk. (Batched GEMMs with strided operands or outputs measured
-  2-4x slower on the CPU: PyTorch then loops over the small matrices one by one.)
+  GEMM, scatter the result into the output, into buffers reused from chunk to chunk. (Batched
+  GEMMs with strided operands or outputs measured 2-4x slower on the CPU: PyTorch then loops over
+  the small matrices one by one.)
 * The output can be written into a slot of a larger buffer, so that both mixing branches sit side
   by side and feed one GEMM (`reweighted_sum`).
 * `DynamicMix` (an autograd Function) stores only its input and the small reduced features; the
@@ -22,9 +23,8 @@ matrices of every sequence. Here:
 Layout used throughout: tokens ``x4`` of shape (B, N, L, C) mixes along N, for the B*L sequences
 (B, :, l); reduced features ``r2`` (B*L*S, N*d), token-major per (sequence, segment).
 """
-from typing import List, Optional, Tuple
-
 import math
+from typing import List, Optional, Tuple
 
 import torch
 
