@@ -59,7 +59,7 @@ def load_model(
 
 def _build(checkpoint: Dict[str, Any], path: PathLike, model_name: Optional[str],
            kwargs: Dict[str, Any]) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    config = checkpoint.get('config') if isinstance(checkpoint.get('config'), dict) else {}
+    config: Dict[str, Any] = checkpoint['config'] if isinstance(checkpoint.get('config'), dict) else {}
     model_name = model_name or config.get('model')
     model_kwargs = dict(config.get('model_kwargs') or {})
     model_kwargs.update(kwargs)

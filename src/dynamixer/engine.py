@@ -122,7 +122,7 @@ def worker_init(worker_id: int) -> None:
 
 def rng_state(generator: torch.Generator) -> Dict[str, Any]:
     """RNG states as tensors and plain types (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (typed as a tuple or a dict)
     py_state = random.getstate()
     return {
         'torch': torch.get_rng_state(),
@@ -228,7 +228,7 @@ def train_one_epoch(
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
             last = k == accum - 1
-            sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()  # type: ignore[operator]
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = criterion(model(x), y)

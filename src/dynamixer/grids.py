@@ -24,7 +24,7 @@ def token_grids(
     try:
         if len(img_size) != 2 or any(isinstance(s, bool) for s in img_size):
             raise TypeError
-        img_size = tuple(operator.index(s) for s in img_size)  # ints only: 48.0 or '48' are refused
+        img_size = (operator.index(img_size[0]), operator.index(img_size[1]))  # ints only: 48.0, '48' refused
     except TypeError:
         raise ValueError(
             f'img_size must be an int or a pair of ints (height, width); got {img_size!r}.') from None

@@ -108,10 +108,11 @@ def preprocessing_config(
 ) -> Dict[str, Any]:
     """Eval preprocessing of `model` (from its pretrained_cfg via timm) and its class names."""
     cfg = resolve_data_config({}, model=model)
+    timm_model: Any = model  # timm keeps the config in plain attributes
     # the size the model was built for (img_size=...), which its pretrained_cfg does not follow
-    cfg['input_size'] = (model.in_chans, *model.img_size)
+    cfg['input_size'] = (timm_model.in_chans, *timm_model.img_size)
     return dict(
-        model=model_name or model.pretrained_cfg.get('architecture'),
+        model=model_name or timm_model.pretrained_cfg.get('architecture'),
         input_name=INPUT_NAME,
         output_name=OUTPUT_NAME,
         input_size=list(cfg['input_size']),
@@ -120,8 +121,8 @@ def preprocessing_config(
         crop_pct=float(cfg['crop_pct']),
         crop_mode=cfg.get('crop_mode', 'center'),
         interpolation=cfg['interpolation'],
-        num_classes=model.num_classes,
-        class_names=class_names_for(model.num_classes, class_names),
+        num_classes=timm_model.num_classes,
+        class_names=class_names_for(timm_model.num_classes, class_names),
     )
 
 

@@ -179,7 +179,8 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, bac
     Forward only in eval mode (the model is left in eval mode); with `backward`, forward and
     backward of a batch of one in the model's current mode (gradients are cleared after)."""
     if input_size is None:
-        input_size = (model.in_chans, *model.img_size)
+        timm_model: Any = model  # timm models keep their input size as plain attributes
+        input_size = (timm_model.in_chans, *timm_model.img_size)
     device = next(model.parameters(), torch.zeros(())).device
     x = torch.zeros(1, *input_size, device=device)
     with FlopCounterMode(display=False) as counter:
@@ -232,9 +233,11 @@ def check_same_function(model: nn.Module, reference: nn.Module, x: torch.Tensor,
     w = torch.randn_like(yr)
     (yl * w).sum().backward()
     (yr * w).sum().backward()
+    assert xl.grad is not None and xr.grad is not None
     errs['input_grad'] = relative_error(xl.grad, xr.grad)
     errs['weight_grads'] = max(relative_error(pl.grad, pr.grad)
-                               for pl, pr in zip(model.parameters(), reference.parameters()) if pr.grad is not None)
+                               for pl, pr in zip(model.parameters(), reference.parameters())
+                               if pl.grad is not None and pr.grad is not None)
     for m in (model, reference):
         m.zero_grad(set_to_none=True)
     bad = {k: v for k, v in errs.items() if not v <= tol}

@@ -10,7 +10,7 @@ numbers, two transposes fewer per mixing op.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -77,11 +77,13 @@ def softmax_on_last_axis(model: Any) -> int:
         if only_consumer(matmul.output[0]) is not add or matmul.input[1] not in inits:
             continue
         weight, bias = const(matmul.input[1]), const(bias_in[0])
-        if weight.ndim != 2 or weight.shape[1] != n * n or bias.shape != (n * n,):
+        if weight is None or bias is None or weight.ndim != 2 or weight.shape[1] != n * n or bias.shape != (n * n,):
             continue
         # new column j*n + i takes old column i*n + j
         perm = np.arange(n * n).reshape(n, n).T.reshape(-1)
-        for node, old, value in ((matmul, matmul.input[1], weight[:, perm]), (add, bias_in[0], bias[perm])):
+        pairs: List[Tuple[Any, str, np.ndarray]] = [(matmul, matmul.input[1], weight[:, perm]),
+                                                    (add, bias_in[0], bias[perm])]
+        for node, old, value in pairs:
             new_name = f'{old}_out_major_{done}'  # new initializers: the exporter shares equal ones
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), new_name))
             node.input[list(node.input).index(old)] = new_name

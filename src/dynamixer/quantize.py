@@ -233,7 +233,7 @@ def quantize_onnx(
             files = calibration_images(calibration, calibration_size)
             batches = calibration_batches(files, preprocessing_transform(config))
         else:
-            batches = list(calibration)
+            batches = list(calibration or [])
         n_images = sum(int(b.shape[0]) for b in batches)
 
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -352,7 +352,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             # tests/test_user_errors.py refuses); 'none' switches off an optional one
             conv = RANGES.get(key) or {'int': int, int: int, 'float': float, float: float}.get(base, str)
             if isinstance(kind, str) and kind.endswith('?') and conv is not str and key in RANGES:
-                conv = OrWord(conv, 'none')
+                conv = OrWord(conv, 'none')  # type: ignore[arg-type,assignment]  # a RANGES entry: a Bounded
             group.add_argument(flag, dest=key, type=conv, default=None, help=text)
 
 

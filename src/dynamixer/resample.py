@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -279,12 +279,13 @@ def trained_img_size(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, int]]
     if stem is None:
         return None
     for prefix in ('stages.0.blocks.0.token_mixer', 'network.0.0.attn'):
-        sizes = []
+        sizes: List[Optional[int]] = []
         for axis in ('h', 'w'):
             gen = sd.get(f'{prefix}.mix_{axis}.generate.weight')
             static = sd.get(f'{prefix}.mix_{axis}.static_logits')
-            if gen is not None and _generator_n(gen.shape) is not None:
-                sizes.append(_generator_n(gen.shape)[0])
+            n_d = _generator_n(gen.shape) if gen is not None else None
+            if n_d is not None:
+                sizes.append(n_d[0])
             elif static is not None and static.dim() == 3:
                 sizes.append(static.shape[-1])
             else:
@@ -292,7 +293,7 @@ def trained_img_size(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, int]]
         if all(sizes):
             # a transition before the first stage would halve its grid again
             down = 2 if 'stages.0.downsample.proj.weight' in sd else 1
-            return tuple(int(n) * stem.shape[-1] * down for n in sizes)
+            return tuple(int(n or 0) * stem.shape[-1] * down for n in sizes)
     return None
 
 
@@ -328,7 +329,7 @@ def resample_state_dict(
     if isinstance(target, nn.Module):
         model = target
         if not _is_dynamixer(model):
-            inner = getattr(model, 'model', None)       # timm's features_only wrapper
+            inner: Any = getattr(model, 'model', None)       # timm's features_only wrapper
             if not _is_dynamixer(inner):
                 raise TypeError(f'target must be a DynaMixer model or an image size; got {type(model).__name__}')
             model = inner

@@ -188,7 +188,8 @@ def describe_data(cfg: Dict[str, Any]) -> DataShape:
         in_chans, img_size = 1, cfg['canvas']
     else:
         in_chans = 3
-        img_size = cfg['img_size'] or timm.create_model(cfg['model']).pretrained_cfg['input_size'][-1]
+        default: Any = timm.create_model(cfg['model']).pretrained_cfg  # a plain attribute of timm models
+        img_size = cfg['img_size'] or default['input_size'][-1]
     return DataShape(len(train_set), len(val_set), names, in_chans, img_size)
 
 
@@ -254,7 +255,7 @@ def summarize(runs: List[Dict[str, Any]], variants: Sequence[str], costs: Dict[s
     base = next((r for r in rows if r['variant'] == baseline), None)
     for r in rows:
         ok = base is not None and base['images_per_s'] == base['images_per_s'] and base['images_per_s'] > 0
-        r['speed_vs_baseline'] = r['images_per_s'] / base['images_per_s'] if ok else float('nan')
+        r['speed_vs_baseline'] = r['images_per_s'] / base['images_per_s'] if base is not None and ok else float('nan')
     return rows
 
 

@@ -132,12 +132,12 @@ class _Variant:
     """One (runtime, precision) of a model: `infer(batch size)` and, for eager / compile,
     `train(batch size)` return a callable that runs one step on a random batch."""
 
-    def __init__(self, name: str, runtime: str, precision: str, model: nn.Module, device: torch.device,
+    def __init__(self, name: str, runtime: str, precision: str, model: Any, device: torch.device,
                  channels_last: bool, threads: int, onnx_path: Optional[Path] = None):
         self.name, self.runtime, self.precision = name, runtime, precision
         self.model, self.device, self.channels_last = model, device, channels_last
         self.session = ort_session(onnx_path, threads) if onnx_path is not None else None
-        self.train_model: Optional[nn.Module] = None
+        self.train_model: Any = None  # an nn.Module, or torch.compile's wrapper of one
 
     def _input(self, bs: int, input_size: Sequence[int]) -> torch.Tensor:
         x = torch.randn(bs, *input_size, device=self.device)
@@ -145,9 +145,10 @@ class _Variant:
 
     def infer(self, bs: int, input_size: Sequence[int]) -> Callable[[], Any]:
         x = self._input(bs, input_size)
-        if self.session is not None:
-            feed = {self.session.get_inputs()[0].name: x.cpu().numpy()}
-            return lambda: self.session.run(None, feed)
+        session = self.session
+        if session is not None:
+            feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+            return lambda: session.run(None, feed)
         amp = PRECISIONS[self.precision]
         model = self.model
 
@@ -161,6 +162,7 @@ class _Variant:
         y = torch.randint(0, max(num_classes, 1), (bs,), device=self.device)
         amp = PRECISIONS[self.precision]
         model = self.train_model
+        assert model is not None, 'a training step for a runtime that does not train'
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
 
@@ -305,8 +307,9 @@ def benchmark(args: argparse.Namespace,
                 progress(f'{where}: {args.rounds} rounds')
                 times = interleaved_rounds(
                     fns, args.rounds, timer=lambda fn: wall_time(fn, device, args.iters),
-                    after_round=lambda r, where=where: progress(f'{where}: round {r + 1}/{args.rounds} done'),
-                    skip=lambda key, failed=failed: key[0] in failed, on_error=fail)
+                    after_round=lambda r, where=where: progress(  # type: ignore[misc]
+                        f'{where}: round {r + 1}/{args.rounds} done'),
+                    skip=lambda key, failed=failed: key[0] in failed, on_error=fail)  # type: ignore[misc]
                 fns.clear()  # free this batch size's inputs before the next
                 for v in variants:
                     row: Dict[str, Any] = dict(

@@ -23,7 +23,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -110,7 +110,8 @@ def export_onnx(
     path = Path(path)
     model = model.eval()
     if input_size is None:
-        input_size = (model.in_chans, *model.img_size)
+        timm_model: Any = model
+        input_size = (timm_model.in_chans, *timm_model.img_size)
     # batch 2 as example: with 1 the exporter could specialise the batch axis to a constant
     example = torch.randn(2, *input_size)
     batch = torch.export.Dim('batch', min=1)
@@ -120,6 +121,7 @@ def export_onnx(
         program = torch.onnx.export(
             model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes={arg: {0: batch}}, opset_version=opset, verbose=False)
+    assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     softmax_on_last_axis(proto)  # same function; ONNX Runtime's softmax is fastest on the last axis
     for k, v in (metadata or {}).items():
@@ -212,7 +214,7 @@ def export_checkpoint(
         config['opset'] = opset
         meta['preprocessing'] = config_text = json.dumps(config, indent=2)
         export_onnx(model, output, opset=opset, metadata=meta)
-        check = check_onnx
+        check: Optional[Callable[..., float]] = check_onnx
     elif fmt == 'torchscript':
         export_torchscript(model, output, extra_files={'preprocessing.json': config_text})
         check = check_torchscript

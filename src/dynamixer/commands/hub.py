@@ -110,7 +110,8 @@ def model_card(model: torch.nn.Module, info: Dict[str, Any], repo_id: Optional[s
                  if k in ('mixing', 'reweight', 'depths', 'embed_dims', 'num_segments', 'reduced_dim')})
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model)
-    h, w = model.img_size
+    timm_model: Any = model  # timm keeps the config in plain attributes
+    h, w = timm_model.img_size
 
     details: Dict[str, Any] = {
         'Model Type': 'Image classification / feature backbone',
@@ -167,7 +168,7 @@ def model_card(model: torch.nn.Module, info: Dict[str, Any], repo_id: Optional[s
         usage=usage,
         citation=CITATION,
         tags=['image-classification', 'timm', 'dynamixer'],
-        license=model.pretrained_cfg.get('license', 'apache-2.0'),
+        license=timm_model.pretrained_cfg.get('license', 'apache-2.0'),
     )
 
 
@@ -190,7 +191,7 @@ def save_hub_folder(
     model, info = _load(checkpoint)
     directory = Path(directory)
     model_config, model_args = hub_model_config(model, info)
-    save_for_hf(model, directory, model_config=model_config, model_args=model_args, safe_serialization=True)
+    save_for_hf(model, str(directory), model_config=model_config, model_args=model_args, safe_serialization=True)
     card = model_card(model, info, repo_id)
     readme = generate_readme(card, (repo_id or info['model']).split('/')[-1])
     atomic_write_text(readme, directory / 'README.md')

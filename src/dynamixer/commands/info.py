@@ -1,7 +1,7 @@
 """`dynamixer info`: build every registered model, check it, print parameters and multiply-adds."""
 import argparse
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import timm
 import torch
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_stats(name: str) -> Dict[str, object]:
     """Build `name`, run one image through it and count parameters and multiply-adds."""
-    model = timm.create_model(name).eval()
+    model: Any = timm.create_model(name).eval()  # timm keeps pretrained_cfg as a plain attribute
     x = torch.randn(1, *model.pretrained_cfg['input_size'])
     start = time.perf_counter()
     with torch.no_grad():

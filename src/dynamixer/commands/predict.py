@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     onnx_path = getattr(args, 'onnx', None) or (args.checkpoint if is_onnx_file(args.checkpoint) else None)
     if onnx_path:  # preprocessing and class names from the export's JSON
         clf = OnnxClassifier(onnx_path)
-        model, transform, names = clf, clf.transform, clf.class_names
+        model: torch.nn.Module = clf
+        transform, names = clf.transform, clf.class_names
     else:
         model, info = load_inference_model(args.checkpoint, args.model)
         transform = eval_transform(model)

@@ -92,7 +92,7 @@ def load_images(paths: Sequence[str], in_chans: int, img_size: Tuple[int, int]) 
     out = []
     for p in paths:
         img = load_image(p)  # DataError for a file that is not a readable image
-        img = img.convert('L' if in_chans == 1 else 'RGB').resize((img_size[1], img_size[0]), Image.BILINEAR)
+        img = img.convert('L' if in_chans == 1 else 'RGB').resize((img_size[1], img_size[0]), Image.Resampling.BILINEAR)
         a = np.asarray(img, dtype=np.float32) / 255.0
         out.append(torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
     return torch.stack(out) if out else torch.zeros(0, in_chans, *img_size)
@@ -156,6 +156,7 @@ def plot_mixing(
                     ax.set_ylabel('input token i', fontsize=7)
     fig.tight_layout(rect=(0, 0, 0.93, 0.95 if suptitle else 1))
     cax = fig.add_axes((0.945, 0.1, 0.012, 0.8))
+    assert im is not None  # at least one panel was drawn
     fig.colorbar(im, cax=cax).set_label('mixing weight P[i, j] (each column sums to 1)', fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
@@ -178,9 +179,11 @@ def _normalisation(config: Dict[str, Any], model: torch.nn.Module) -> Tuple[List
         train, _ = left_digit_datasets(int(config['num_train']), 0, canvas=int(config['canvas']),
                                        align=int(config['align']), seed=int(config['data_seed']))
         return [train.mean], [train.std]
-    mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
-    if len(mean) != model.in_chans:  # e.g. a 1-channel model with the RGB defaults
-        mean, std = [sum(mean) / len(mean)] * model.in_chans, [sum(std) / len(std)] * model.in_chans
+    timm_model: Any = model  # timm keeps the config in plain attributes
+    mean, std = timm_model.pretrained_cfg['mean'], timm_model.pretrained_cfg['std']
+    in_chans = timm_model.in_chans
+    if len(mean) != in_chans:  # e.g. a 1-channel model with the RGB defaults
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
     return list(mean), list(std)
 
 
@@ -188,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, 'figure', 'mixing.png')
     model, info = load_model(args.checkpoint)
     config = info['config']
-    in_chans, img_size = model.in_chans, model.img_size
+    timm_model: Any = model
+    in_chans, img_size = timm_model.in_chans, timm_model.img_size
     images = load_images(args.images, in_chans, img_size)
     titles = [p.rsplit('/', 1)[-1] for p in args.images]
     if args.digits:

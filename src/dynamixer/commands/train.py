@@ -200,11 +200,11 @@ def _build_model(config: Dict[str, Any], num_classes: int,
 def _load_pretrained(model: nn.Module, path: str, new_head: bool) -> None:
     """Start from the weights in `path` (any layout load_model reads); optionally a fresh head."""
     raw = dict(unwrap_state_dict(read_checkpoint(path)))
-    head = {f'head.{k}': v.clone() for k, v in model.head.state_dict().items()}
+    head = {f'head.{k}': v.clone() for k, v in model.head.state_dict().items()}  # type: ignore[union-attr]
     if new_head:
         raw.update(head)  # the old head is dropped; the model's freshly initialised one is kept
     try:
-        state_dict = checkpoint_filter_fn(raw, model)
+        state_dict = checkpoint_filter_fn(raw, model)  # type: ignore[arg-type]  # any DynaMixer
         model.load_state_dict(state_dict)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f'{path}: cannot start from these weights: {e}') from None
@@ -317,7 +317,7 @@ def train(
     opt = _make_optimisation(config, model, loaders.steps_per_epoch, len(class_names), process.device)
 
     # resume
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history = 0, 0, []  # type: ignore[var-annotated]
     if resume:
         start_epoch, step, history = _resume(resume, config, class_names, model, opt, loaders.generator)
 
@@ -365,7 +365,7 @@ def _make_loaders(config: Dict[str, Any], train_set: Any, val_set: Any, process:
         raise DataError(f"the training set has {len(train_set)} images, fewer than one batch "
                         f"(batch_size {config['batch_size']}); lower --batch-size")
     generator = torch.Generator()
-    sampler = torch.utils.data.DistributedSampler(
+    sampler: Any = torch.utils.data.DistributedSampler(
         train_set, num_replicas=world, rank=process.rank, shuffle=True, seed=config['seed'], drop_last=False)
     loader_kw = dict(num_workers=config['workers'], pin_memory=process.device.type == 'cuda',
                      worker_init_fn=worker_init, persistent_workers=False)
@@ -456,7 +456,7 @@ def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> n
         if config['compile_backend'] not in torch.compiler.list_backends(exclude_tags=()):
             raise ConfigError(f"unknown --compile-backend {config['compile_backend']!r}; torch has "
                               f"{', '.join(torch.compiler.list_backends())} and debug ones such as aot_eager")
-        model = torch.compile(model, backend=config['compile_backend'])
+        model = torch.compile(model, backend=config['compile_backend'])  # type: ignore[assignment]
     return model
 
 

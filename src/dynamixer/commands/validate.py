@@ -44,7 +44,7 @@ def validate(checkpoint: str, data: Optional[str], split: str = 'validation', mo
     """Evaluate `checkpoint` (or an exported .onnx file) on `data`; returns dict(top1, top5, loss,
     images, model, checkpoint)."""
     if is_onnx_file(checkpoint):
-        model = OnnxClassifier(checkpoint)
+        model: Any = OnnxClassifier(checkpoint)
         info = dict(model=model.config.get('model'), class_names=model.class_names, has_class_names=True,
                     num_classes=model.num_classes)
         transform, device = model.transform, 'cpu'  # ONNX Runtime's CPU provider

@@ -83,8 +83,9 @@ def _build(config: Dict[str, Any], data: Optional[str]) -> Tuple[Any, Any, List[
     if prefix not in _TIMM_PREFIXES:
         raise DataError(f"unknown data set '{name}': use a data folder (no --dataset), 'digits', 'left-digit', "
                         f"or a timm data set named {', '.join(p + 'NAME' for p in _TIMM_PREFIXES)}")
-    if _TIMM_PREFIXES[prefix]:
-        require(_TIMM_PREFIXES[prefix], None, f"timm's {prefix} data sets")
+    package = _TIMM_PREFIXES[prefix]
+    if package:
+        require(package, None, f"timm's {prefix} data sets")
     if not data:
         raise DataError(f"the data set '{name}' needs a folder to read it from (or download it into): "
                         f'dynamixer train DIR --dataset {name} [--dataset-download]')

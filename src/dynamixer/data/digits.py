@@ -64,7 +64,7 @@ class DigitsDataset(torch.utils.data.Dataset):
             np.arange(len(target)), test_size=0.2, stratify=target, random_state=0)
         idx = idx_train if split in ('train', 'training') else idx_val
         pixels = np.rint(images[idx] * (255.0 / 16.0)).astype(np.uint8)  # values 0..16
-        self.images = [Image.fromarray(p, 'L').resize((size, size), Image.BILINEAR) for p in pixels]
+        self.images = [Image.fromarray(p, 'L').resize((size, size), Image.Resampling.BILINEAR) for p in pixels]
         self.targets = [int(t) for t in target[idx]]
         self.transform = transform
 
@@ -101,7 +101,8 @@ def left_digit_datasets(num_train: int = 4000, num_val: int = 2000, canvas: int 
     train, val = make_left_digit_task(num_train, num_val, canvas=canvas, align=align, seed=seed)
     x = train.tensors[0]
     mean, std = float(x.mean()), float(x.std())
-    return (LeftDigitDataset(*train.tensors, mean, std), LeftDigitDataset(*val.tensors, mean, std))
+    return (LeftDigitDataset(train.tensors[0], train.tensors[1], mean, std),
+            LeftDigitDataset(val.tensors[0], val.tensors[1], mean, std))
 
 
 def _compose(

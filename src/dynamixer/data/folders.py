@@ -94,7 +94,8 @@ def image_folder_dataset(folder: str, class_map: Optional[Mapping[str, int]] = N
     """A timm ImageDataset of FOLDER/<class>/* (labels from `class_map`, default sorted folder
     order), unreadable images handled by `bad_images`; DataError when no readable image is left."""
     ds = create_dataset('', root=folder, split='', search_split=False, is_training=is_training,
-                        class_map=dict(class_map) if class_map is not None else None, input_img_mode=None)
+                        class_map=dict(class_map) if class_map is not None else None,  # type: ignore[arg-type]
+                        input_img_mode=None)  # type: ignore[arg-type]  # timm's defaults are None
     if '' in ds.reader.class_to_idx:  # images at the top of the split folder got an empty class name
         raise DataError(f'{folder}: images outside class sub-folders; move them into a class folder')
     ds.reader.samples = apply_bad_image_policy(ds.reader.samples, bad_images, folder,

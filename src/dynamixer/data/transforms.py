@@ -31,7 +31,8 @@ def model_img_size(model: torch.nn.Module, img_size: Optional[int] = None) -> Tu
     """(H, W): `img_size` when given, else the size the model was built for."""
     if img_size:
         return (img_size, img_size)
-    size = getattr(model, 'img_size', None) or model.pretrained_cfg['input_size'][-2:]
+    timm_model: Any = model  # timm keeps the config in plain attributes
+    size = getattr(model, 'img_size', None) or timm_model.pretrained_cfg['input_size'][-2:]
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
@@ -64,7 +65,7 @@ def build_transforms(config: Dict[str, Any], model: torch.nn.Module) -> Tuple[Op
     size = model_img_size(model, config['img_size'])
     train_tf = create_transform(
         input_size=(3, *size), is_training=True, scale=tuple(config['scale']), ratio=tuple(config['ratio']),
-        hflip=config['hflip'], vflip=0.0, color_jitter=config['color_jitter'] or None,
+        hflip=config['hflip'], vflip=0.0, color_jitter=config['color_jitter'] or None,  # type: ignore[arg-type]  # timm: None = off
         auto_augment=config['auto_augment'], interpolation=cfg['interpolation'],
         mean=cfg['mean'], std=cfg['std'], re_prob=config['reprob'], re_mode=config['remode'],
         re_count=config['recount'])

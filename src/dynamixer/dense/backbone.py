@@ -100,7 +100,7 @@ def _trunk_weights(path: str, drop_head: bool) -> Dict[str, torch.Tensor]:
 
 def _pyramid_inputs(reductions: Sequence[int]) -> List[int]:
     """Index of the last stage of every distinct stride (the finest map of each scale)."""
-    keep = []
+    keep: List[int] = []
     for i, r in enumerate(reductions):
         if keep and reductions[keep[-1]] == r:
             keep[-1] = i

@@ -33,7 +33,7 @@ def mlp_residual_inference_(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear,
         xc = tokens[i:i + step]
         h = torch.addmm(fc1.bias, F.layer_norm(xc, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
                         fc1.weight.t(), out=hidden[:xc.shape[0]])
-        torch._C._nn.gelu_(h, approximate=approximate)
+        torch._C._nn.gelu_(h, approximate=approximate)  # type: ignore[attr-defined]  # missing from torch's stubs
         xc.addmm_(h, fc2.weight.t()).add_(fc2.bias)
     return x
 
