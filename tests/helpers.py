@@ -18,8 +18,8 @@ from PIL import Image
 
 import dynamixer
 from dynamixer import cli
-from dynamixer.checkpoint import read_checkpoint
 from dynamixer.errors import DynaMixerError
+from dynamixer.files import read_checkpoint
 from dynamixer.layout import ours_to_authors
 from dynamixer.model import DynaMixerBlock, DynaMixerOp, MixerLayer
 from dynamixer.recipes import resolve_config

@@ -114,15 +114,13 @@ def test_ablate_explains_a_bad_folder(tmp_path, capsys):
 
 
 def test_ablate_flags_match_train(tmp_path):
-    """--smoothing and --amp as `dynamixer train` spells them; the old spellings still parse."""
+    """--smoothing and --amp as `dynamixer train` spells them; the task is named as train names it."""
     from dynamixer.commands.ablate import DEFAULTS, train_config
     parser = cli.build_parser()
-    args = parser.parse_args(['ablate', '--label-smoothing', '0.2', '--amp'])
-    assert args.smoothing == 0.2 and args.amp == 'auto'
     args = parser.parse_args(['ablate', '--smoothing', '0.3', '--amp', 'bf16'])
     assert args.smoothing == 0.3 and args.amp == 'bf16'
     args = parser.parse_args(['ablate'])
-    assert args.amp == 'none' and args.smoothing == DEFAULTS['smoothing'] == 0.1
+    assert args.amp == 'none' and args.smoothing == DEFAULTS['smoothing'] == 0.1 and args.data == 'left-digit'
     cfg = vars(args)
     c = train_config(cfg, {}, 3, None, str(tmp_path))
     # the ablation recipe, unchanged: AdamW, cosine, warm-up from lr / 1000, label smoothing 0.1

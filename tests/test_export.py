@@ -11,14 +11,9 @@ import timm
 import torch
 
 from dynamixer.checkpoint import load_model
-from dynamixer.commands.export import (
-    class_names_for,
-    eval_transform,
-    load_preprocessing,
-    preprocessing_config,
-    preprocessing_path,
-    sample_images,
-)
+from dynamixer.data import class_names_for, sample_images
+from dynamixer.data import preprocessing_transform as eval_transform
+from dynamixer.inference import load_preprocessing, preprocessing_config, preprocessing_path
 from helpers import ATOL, CLASS_NAMES, NUM_CLASSES, _logits, _make_checkpoint, _run_cli
 
 try:  # the `onnx` extra; without it the ONNX tests skip (through the onnx_export fixture)
@@ -132,7 +127,7 @@ def test_safetensors_export_roundtrip(workdir, checkpoint, model):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=0)
     # `dynamixer predict -c nano.safetensors` reads the model and class names from the metadata
-    from dynamixer.commands.predict import load_inference_model
+    from dynamixer.inference import load_inference_model
     _, pinfo = load_inference_model(str(path))
     assert pinfo['class_names'] == CLASS_NAMES and pinfo['has_class_names']
     via_timm = timm.create_model('dynamixer_nano', pretrained=True, num_classes=NUM_CLASSES,

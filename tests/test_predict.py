@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dynamixer.cli import main as cli_main
-from dynamixer.commands.export import eval_transform, load_preprocessing, predict_onnx
+from dynamixer.data import preprocessing_transform
+from dynamixer.inference import load_preprocessing, predict_onnx
 from helpers import CLASS_NAMES, _image, _run_cli
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_predict_top_k_with_class_names(trained, folder, capsys, tmp_path):
-    from dynamixer.commands.predict import format_predictions, load_inference_model, preprocess, topk
     from dynamixer.data import eval_transform
+    from dynamixer.inference import format_predictions, load_inference_model, preprocess, topk
     ckpt = os.path.join(trained['output'], 'last.pth')
     imgs = [str(folder / 'val' / 'a' / '0.png'), str(folder / 'val' / 'b' / '1.png')]
     gray = tmp_path / 'gray.png'
@@ -61,7 +62,7 @@ def test_predict_imagenet_names_for_1000_classes(tmp_path, capsys):
 def test_predict_onnx_matches_pytorch(onnx_export, model, image_files):
     from PIL import Image
     results = predict_onnx(onnx_export[0], image_files, topk=3, batch_size=2)
-    transform = eval_transform(load_preprocessing(onnx_export[0]))
+    transform = preprocessing_transform(load_preprocessing(onnx_export[0]))
     x = torch.stack([transform(Image.open(p)) for p in image_files])
     with torch.no_grad():
         probs = model(x).softmax(-1)

@@ -14,10 +14,10 @@ import timm
 import torch
 from PIL import Image
 
-from dynamixer.checkpoint import CheckpointError, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.commands.train import TrainingError, train
 from dynamixer.data import build_datasets
+from dynamixer.files import CheckpointError, read_checkpoint
 from dynamixer.recipes import ConfigError, resolve_config
 from helpers import SRC, _add_bad_files, _image, config, make_folder, weights
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dynamixer.checkpoint import CheckpointError, read_checkpoint
 from dynamixer.cli import main as cli_main
 from dynamixer.data import DataError
+from dynamixer.files import CheckpointError, read_checkpoint
 from helpers import make_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -5,9 +5,10 @@ Importing the package registers ``dynamixer_s``, ``dynamixer_m``, ``dynamixer_l`
 """
 from typing import List
 
-from .checkpoint import CheckpointError, load_model, read_checkpoint, validate_checkpoint_file
+from .checkpoint import load_model
 from .dense import pyramid_backbone
 from .errors import DynaMixerError
+from .files import CheckpointError, read_checkpoint, validate_checkpoint_file
 from .layout import unwrap_state_dict
 from .model import (
     MODEL_ARGS,

@@ -1,8 +1,7 @@
 """Loading a model from a checkpoint file: the variant, its arguments, the weights, class names.
 
-File reading lives in `files` and the key layouts in `layout`; the names that used to be defined
-here (`CheckpointError`, `read_checkpoint`, `validate_checkpoint_file`, `authors_pickle_globals`)
-are re-exported, so ``from dynamixer.checkpoint import load_model, read_checkpoint`` keeps working.
+File reading (`read_checkpoint`, `validate_checkpoint_file`, `CheckpointError`) lives in `files`
+and the key layouts in `layout`.
 """
 from __future__ import annotations
 
@@ -13,14 +12,11 @@ import timm
 import torch
 
 from . import layout
-from .files import CheckpointError, PathLike, authors_pickle_globals, read_checkpoint, validate_checkpoint_file
+from .files import CheckpointError, PathLike, read_checkpoint
 from .model import MODEL_ARGS
 from .resample import trained_img_size
 
-__all__ = [
-    'CheckpointError', 'validate_checkpoint_file', 'read_checkpoint', 'authors_pickle_globals',
-    'infer_variant', 'load_model',
-]
+__all__ = ['infer_variant', 'load_model']
 
 
 def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:

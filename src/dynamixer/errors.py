@@ -7,7 +7,7 @@ place) turns these into one ``error: ...`` line on stderr and exit code 2; any o
 a bug and is shown in full.
 
 The family, each defined next to the code that raises it and also a subclass of the built-in
-exception it used to be, so ``except ValueError`` callers keep working:
+exception of its kind (a bad value is a ValueError, a missing file a FileNotFoundError):
 
 - `UsageError` (ValueError), `MissingDependencyError` (ImportError), `MissingFileError`
   (FileNotFoundError): here

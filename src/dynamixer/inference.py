@@ -21,10 +21,10 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .checkpoint import load_model
 from .data import DataError, class_names_for, load_image, preprocessing_transform
 from .errors import DynaMixerError, MissingFileError, require
-from .files import atomic_write_text, read_safetensors_metadata
+from .files import CheckpointError, atomic_write_text, read_checkpoint, read_safetensors_metadata
 
 PathLike = Union[str, os.PathLike]
 
@@ -245,10 +245,6 @@ class OnnxClassifier(nn.Module):
                 f'inputs, got {tuple(x.shape)}: resize images with its eval transform (clf.transform)')
         feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
         return torch.from_numpy(self.session.run([self._output], {self._input: feed})[0])
-
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """The same as calling the module (the name before it was one)."""
-        return self(batch)
 
 
 def predict_onnx(

@@ -76,10 +76,10 @@ DEFAULTS = dict(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    parser.add_argument('--data', default='digits',
-                        help="'digits' or 'left-digit' (the built-in left-digit task from scikit-learn's "
-                             "digits, offline; `dynamixer train --dataset left-digit`) or a folder with "
-                             "train/ and val/ image-class folders")
+    parser.add_argument('--data', default='left-digit',
+                        help="'left-digit' (the built-in left-digit task made from scikit-learn's 8x8 digits, "
+                             "offline; `dynamixer train --dataset left-digit`) or a folder with train/ and val/ "
+                             "image-class folders (default: left-digit)")
     parser.add_argument('--out', default='ablation', help='output folder (default: ./ablation)')
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), metavar='NAME',
                         help=f'variants to train (default: all of {", ".join(VARIANTS)})')
@@ -96,9 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--weight-decay', type=RANGES['weight_decay'], default=d['weight_decay'])
     parser.add_argument('--warmup-epochs', type=RANGES['warmup_epochs'], default=d['warmup_epochs'])
     parser.add_argument('--min-lr', type=RANGES['min_lr'], default=d['min_lr'])
-    parser.add_argument('--smoothing', '--label-smoothing', dest='smoothing', type=RANGES['smoothing'],
-                        default=d['smoothing'],
-                        help='label smoothing, as in `dynamixer train` (--label-smoothing: old spelling)')
+    parser.add_argument('--smoothing', type=RANGES['smoothing'], default=d['smoothing'],
+                        help='label smoothing, as in `dynamixer train`')
     parser.add_argument('--drop-path', type=RANGES['drop_path'], default=d['drop_path'])
     parser.add_argument('--num-train', type=RANGES['num_train'], default=d['num_train'],
                         help='digits: training canvases')
@@ -113,9 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'left and right are the label)')
     parser.add_argument('--workers', type=RANGES['workers'], default=2, help='folders: data loader workers')
     parser.add_argument('--device', default='auto', help="'auto' (cuda:LOCAL_RANK if present), 'cpu', 'cuda:0'...")
-    parser.add_argument('--amp', nargs='?', const='auto', default='none', choices=['auto', 'bf16', 'fp16', 'none'],
-                        help="mixed precision, as in `dynamixer train` (default: none); a bare --amp (the "
-                             "old switch) means 'auto': bf16 or fp16 on GPUs, off on CPUs")
+    parser.add_argument('--amp', default='none', choices=['auto', 'bf16', 'fp16', 'none'],
+                        help="mixed precision, as in `dynamixer train` (default: none; 'auto': bf16 or fp16 on "
+                             "GPUs, off on CPUs)")
     parser.add_argument('--threads', type=RANGES['threads'], default=None,
                         help='torch CPU threads per process (1 is fastest on a busy machine)')
     parser.add_argument('--no-checkpoints', action='store_true', help='do not save final weights')
@@ -132,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 def is_left_digit(data: str) -> bool:
-    return data in ('digits', 'left-digit')
+    return data == 'left-digit'
 
 
 def model_kwargs_for(options: Dict[str, Any], num_classes: int, in_chans: int, img_size: int,

@@ -31,18 +31,15 @@ import torch
 from .. import __version__
 from ..argtypes import Bounded, non_negative_float, positive_int
 from ..checkpoint import load_model
-from ..data import class_names_for, preprocessing_transform, sample_images
+from ..data import preprocessing_transform, sample_images
 from ..errors import DynaMixerError, require
 from ..files import OutputError, atomic_write, check_output_file, safetensors_metadata, save_safetensors
 from ..inference import (
     INPUT_NAME,
     OUTPUT_NAME,
-    PREPROCESSING_SUFFIX,
     OnnxClassifier,
     is_onnx_file,
-    load_preprocessing,
     ort_session,
-    predict_onnx,
     preprocessing_config,
     preprocessing_path,
     save_preprocessing,
@@ -53,10 +50,8 @@ from ..quantize import DEFAULT_KEEP_FLOAT, check_parts, compare_logits, quantize
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
-    'FORMATS', 'PREPROCESSING_SUFFIX', 'class_names_for', 'preprocessing_config', 'preprocessing_path',
-    'sample_images', 'eval_transform', 'export_onnx', 'export_torchscript', 'export_safetensors',
-    'check_onnx', 'check_torchscript', 'export_checkpoint', 'load_preprocessing', 'sample_batch',
-    'INT8_FORMATS', 'export_int8', 'OnnxClassifier', 'predict_onnx', 'ExportError',
+    'FORMATS', 'export_onnx', 'export_torchscript', 'export_safetensors', 'check_onnx', 'check_torchscript',
+    'export_checkpoint', 'sample_batch', 'INT8_FORMATS', 'export_int8', 'ExportError', 'add_arguments', 'run',
 ]
 
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'safetensors': '.safetensors'}
@@ -72,7 +67,7 @@ class ExportError(DynaMixerError, ValueError):
 
 # --------------------------------------------------------------------------------------------
 # Preprocessing (`dynamixer.inference` holds the config, `dynamixer.data` the transform and the
-# sample images; re-exported here, their old home)
+# sample images)
 # --------------------------------------------------------------------------------------------
 
 def sample_batch(config: Dict[str, Any]) -> torch.Tensor:
@@ -81,7 +76,6 @@ def sample_batch(config: Dict[str, Any]) -> torch.Tensor:
     return torch.stack([transform(im) for im in sample_images()])
 
 
-eval_transform = preprocessing_transform  # the old name: eval transform of a preprocessing config
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from timm.data import ImageNetInfo
 from timm.models import push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
-from ..checkpoint import load_model, read_checkpoint
+from ..checkpoint import load_model
 from ..errors import DynaMixerError, require
-from ..files import atomic_write_text, check_output_folder
+from ..files import atomic_write_text, check_output_folder, read_checkpoint
 from ..measure import count_macs
 from ..model import MODEL_ARGS
 

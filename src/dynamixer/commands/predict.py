@@ -1,7 +1,7 @@
 """`dynamixer predict`: classify image files with a checkpoint, print the top-k classes.
 
-The pieces live in `dynamixer.inference` (re-exported here, their old home):
-``load_inference_model``, ``preprocess``, ``topk``, ``format_predictions``. ``--onnx FILE`` (or an
+The pieces live in `dynamixer.inference`: ``load_inference_model``, ``preprocess``, ``topk``,
+``format_predictions``. ``--onnx FILE`` (or an
 ``.onnx`` file given as the checkpoint) runs an exported ONNX file, float32 or int8, instead
 (``OnnxClassifier``) through the same preprocessing and ranking.
 """
@@ -14,11 +14,10 @@ from typing import Any, List, Tuple
 import torch
 
 from ..argtypes import positive_int
-from ..data import class_names_for, eval_transform
+from ..data import eval_transform
 from ..inference import OnnxClassifier, format_predictions, is_onnx_file, load_inference_model, preprocess, topk
 
-__all__ = ['load_inference_model', 'class_names_for', 'preprocess', 'topk', 'format_predictions',
-           'add_arguments', 'run']
+__all__ = ['add_arguments', 'run']
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

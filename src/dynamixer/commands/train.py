@@ -35,7 +35,6 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler
 
 from .. import __version__
-from ..checkpoint import CheckpointError, read_checkpoint
 from ..data import DataError, build_datasets, build_transforms
 from ..engine import (
     NonFiniteLoss,
@@ -50,7 +49,7 @@ from ..engine import (
     worker_init,
 )
 from ..errors import DynaMixerError
-from ..files import check_output_folder
+from ..files import CheckpointError, check_output_folder, read_checkpoint
 from ..layout import unwrap_state_dict
 from ..model import checkpoint_filter_fn
 from ..recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
