@@ -72,7 +72,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f, q = (median(times[key]) * 1e3 for key in ('float32', 'int8'))
                 print(f'| {name} | {m} x {k} x {n} | {threads} | {f:.1f} | {q:.1f} | {f / q:.2f}x |')
 
-
     return 0
 
 

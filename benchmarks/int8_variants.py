@@ -136,7 +136,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             top = ', '.join(f'{op} {ms:.0f}' for op, ms in list(ops.items())[:8])
             print(f'\n{k}: {total:.0f} ms in kernels; {top}')
 
-
     return 0
 
 

@@ -63,9 +63,11 @@ def cpu_kernels_built():
 
 # ---- command side: a tiny image folder, a trained run, a checkpoint and its exports (per module)
 
+
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp('data'))
+
 
 @pytest.fixture(scope='module')
 def trained(folder, tmp_path_factory):
@@ -74,18 +76,22 @@ def trained(folder, tmp_path_factory):
     result = train(config(tmp, epochs=1), data=str(folder))
     return result
 
+
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp('deploy')
+
 
 @pytest.fixture(scope='module')
 def checkpoint(workdir):
     return _make_checkpoint(workdir / 'nano.pth', dict(drop_path_rate=0.1))
 
+
 @pytest.fixture(scope='module')
 def model(checkpoint):
     m, _ = load_model(checkpoint)
     return m.eval()
+
 
 @pytest.fixture(scope='module')
 def onnx_export(workdir, checkpoint):
@@ -95,17 +101,20 @@ def onnx_export(workdir, checkpoint):
     rc, out = _run_cli('export', checkpoint, '--format', 'onnx', '--output', path)
     return path, rc, out
 
+
 @pytest.fixture(scope='module')
 def ts_export(workdir, checkpoint):
     path = workdir / 'export' / 'nano.pt'
     rc, out = _run_cli('export', checkpoint, '--format', 'torchscript', '--output', path)
     return path, rc, out
 
+
 @pytest.fixture(scope='module')
 def real_batch(model):
     cfg = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**cfg)
     return torch.stack([transform(im) for im in sample_images(num_digits=6)])
+
 
 @pytest.fixture(scope='module')
 def image_files(workdir):

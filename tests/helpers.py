@@ -26,6 +26,7 @@ from dynamixer.recipes import resolve_config
 
 # ------------------------------------------------------------------------ model side
 
+
 def randomize_(module: nn.Module, std: float = 0.5) -> nn.Module:
     """Weights far from init, so that mixing matrices are peaked and every branch matters."""
     with torch.no_grad():
