@@ -3,6 +3,7 @@ they measure against computes the library's function. `dynamixer benchmark` is t
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,11 +110,16 @@ def test_gemm_floor_records_every_gemm_and_runs(capsys):
 
 
 def test_bench_kernels_smoke(capsys, cpu_kernels_built):
-    assert script('bench_kernels').main(['--models', 'dynamixer_nano', '--threads', '1', '--rounds', '1',
-                                         '--warmup', '0', '--infer-batch', '2', '--train-batch', '2', '--no-compile',
-                                         '--matmul-size', '128']) == 0
+    try:
+        assert script('bench_kernels').main(['--models', 'dynamixer_nano', '--threads', '1', '--rounds', '1',
+                                             '--warmup', '0', '--infer-batch', '2', '--train-batch', '2',
+                                             '--no-compile', '--matmul-size', '128', '--kernels-all-sizes']) == 0
+    finally:
+        torch.set_num_threads(1)
     out = capsys.readouterr().out
-    assert '| infer | library |' in out and '| train | reference |' in out and '| latency | library-all |' in out
+    for row in ('| infer | library-eager |', '| infer | library |', '| train | library-all |',
+                '| latency | library-all-sizes |', '| train | reference |'):
+        assert row in out
 
 
 @pytest.mark.slow  # Inductor builds each candidate: about 20 s for one
@@ -159,4 +165,5 @@ def test_resolution_transfer_smoke(tmp_path, capsys):
     assert script('resolution_transfer').main(['--epochs', '1', '--sizes', '24', '--ft-sizes', '24',
                                                '--ft-steps', '0', '1', '--out', str(out)]) == 0
     text = out.read_text()
-    assert '| resampled: linear (default) |' in text and '| 24x24 | resampled (default) |' in text
+    assert '| 24x24 | resampled (default) |' in text and 'baseline: random generators' in text and 'k=1' in text
+    assert re.search(r'\| resampled: linear \(default\) \| \d+\.\d \|', text)

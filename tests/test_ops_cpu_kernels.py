@@ -294,24 +294,6 @@ def test_portable_build(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_bench_kernels_smoke(kernels, capsys):
-    import sys
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
-    sys.path.insert(0, bench)
-    try:
-        import bench_kernels
-        assert bench_kernels.main(['--models', 'dynamixer_nano', '--threads', '1', '--rounds', '1', '--warmup', '0',
-                                   '--no-compile', '--infer-batch', '2', '--train-batch', '2',
-                                   '--kernels-all-sizes']) == 0
-    finally:
-        sys.path.remove(bench)
-        torch.set_num_threads(1)
-    out = capsys.readouterr().out
-    for row in ('| infer | library-eager |', '| infer | library |', '| train | library-all |',
-                '| latency | library-all-sizes |'):
-        assert row in out
-
-
 def test_build_tools_are_found_or_named(monkeypatch, tmp_path):
     """The compiler and ninja: ninja from this Python's scripts folder (the PyPI package, in a
     virtual environment that is not activated) goes on PATH; a missing one is named."""

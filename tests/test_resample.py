@@ -2,8 +2,6 @@
 import importlib.util
 import math
 import os
-import re
-import sys
 
 import pytest
 import timm
@@ -497,25 +495,6 @@ def test_segmentation_example_learns(trained_like, tmp_path):
     assert len(losses) == 16 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
     assert 0 <= out['miou'] <= 1
-
-
-# ------------------------------------------------------------------------------------------
-# 3. the resolution-transfer benchmark runs (the measured table is in docs/resolution.md)
-# ------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_resolution_transfer_script_runs(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-    try:
-        bench = importlib.import_module('resolution_transfer')
-    finally:
-        sys.path.pop(0)
-    out = str(tmp_path / 'table.md')
-    assert bench.main(['--epochs', '1', '--sizes', '24', '--ft-sizes', '24', '--ft-steps', '0', '2',
-                       '--out', out]) == 0
-    text = open(out).read()
-    assert 'baseline: random generators' in text and 'k=2' in text
-    assert re.search(r'\| resampled: linear \(default\) \| \d+\.\d \|', text)
 
 
 def test_resample_keeps_dtype():
