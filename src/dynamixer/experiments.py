@@ -20,7 +20,7 @@ import json
 import math
 import os
 import statistics
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -138,7 +138,7 @@ def gather(records: List[Record], world: int) -> List[Record]:
 NAN = float('nan')
 
 
-def mean_std(values: Iterable[float]) -> tuple:
+def mean_std(values: Iterable[float]) -> Tuple[float, float]:
     """(mean, sample std) of `values`; std is NaN for one value, both NaN for none."""
     v = list(values)
     if not v:
@@ -186,7 +186,7 @@ def summarize(
     return rows
 
 
-def format_mean_std(mean: float, std: float, spec: str = '.1f', sign: bool = False) -> str:
+def format_mean_std(mean: Optional[float], std: Optional[float], spec: str = '.1f', sign: bool = False) -> str:
     """'48.0 ± 11.3'; '-' for a missing mean, '48.0 ± -' for a missing std (one seed)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return '-'
