@@ -272,3 +272,17 @@ def test_resume_refuses_another_teacher(folder, trained, tmp_path):
     assert_user_error(run_cli('train', '--resume', run / 'last.pth', '--epochs', '2', '--kd-checkpoint', 'none'),
                       'keeps distilling')
     assert (run / 'last.pth').read_bytes() == before
+
+
+def test_left_digit_teacher_from_other_canvases(tmp_path):
+    """The left-digit canvases are normalised by their own statistics: a teacher trained on
+    other canvases (another --num-train) is refused; on the same ones it is used."""
+    data = ['--dataset', 'left-digit', '--num-val', '20', *TINY]
+    rc, out, err = run_cli('train', *data, '--num-train', '40', '--output', tmp_path / 'teacher')
+    assert rc == 0, err
+    teacher = tmp_path / 'teacher' / 'last.pth'
+    assert_user_error(run_cli('train', *data, '--num-train', '60', '--output', tmp_path / 's',
+                              '--kd-checkpoint', teacher), 'num_train 40 vs 60', '--num-train 60')
+    rc, out, err = run_cli('train', *data, '--num-train', '40', '--output', tmp_path / 's', '--kd-checkpoint', teacher)
+    assert rc == 0, err
+    assert read_checkpoint(tmp_path / 's' / 'last.pth')['config']['kd_checkpoint'] == str(teacher)

@@ -154,11 +154,21 @@ def build_teacher(config: Dict[str, Any], class_names: List[str], student: nn.Mo
         if path and teacher_config.get('dataset') != config['dataset']:
             raise TeacherError(f"{where} was not trained on the {config['dataset']} data set, whose canvases "
                                'are normalised by their own statistics; train the teacher on it first.')
+        differ = [k for k in _LEFT_DIGIT_DATA if path and teacher_config.get(k, config[k]) != config[k]]
+        if differ:
+            raise TeacherError(f'{where} was trained on other left-digit data ('
+                               + ', '.join(f'{k} {teacher_config[k]} vs {config[k]}' for k in differ)
+                               + '): the canvases and their normalisation differ. Train the teacher with '
+                               + ' '.join(f"--{k.replace('_', '-')} {config[k]}" for k in differ) + '.')
         mean, std = student_norm
     else:
         cfg = resolve_data_config({}, model=model)
         mean, std = cfg['mean'], cfg['std']
     return Teacher(model, mean, std, model_img_size(model))
+
+
+# the left-digit settings that change the training canvases (and so their mean / std)
+_LEFT_DIGIT_DATA = ('canvas', 'align', 'num_train', 'data_seed')
 
 
 def _size_kwargs(data_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
