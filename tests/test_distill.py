@@ -149,6 +149,16 @@ def test_distilled_training_keeps_the_teacher_frozen(folder, trained, tmp_path, 
     assert 'kd_checkpoint: ' + teacher_ckpt in (tmp_path / 'run' / 'config.yaml').read_text()
 
 
+def test_teacher_from_a_timm_models_weights(folder, tmp_path, seen_teacher):
+    """--kd-model resnet10t --kd-checkpoint FILE: the file's weights (classifier 'fc', 2 classes)."""
+    torch.manual_seed(1)
+    state = timm.create_model('resnet10t', num_classes=2).state_dict()
+    torch.save(state, tmp_path / 'r2.pth')
+    train(config(tmp_path, kd_model='resnet10t', kd_checkpoint=str(tmp_path / 'r2.pth')), data=str(folder))
+    got = seen_teacher['teacher'].model.state_dict()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items())
+
+
 def test_resume_with_a_teacher_continues_exactly(folder, trained, tmp_path):
     """2 epochs in one go == 1 epoch, stop, resume (from the command line), 1 more; mixup, cutmix,
     label smoothing, drop-path and EMA on; hard distillation."""
@@ -232,6 +242,11 @@ def test_teacher_with_other_classes(folder, trained, tmp_path):
     torch.save(dict(state_dict=m.state_dict(), config=dict(model='dynamixer_nano'),
                     class_names=[str(i) for i in range(10)]), ten)
     _refused(folder, tmp_path, ['--kd-checkpoint', ten], ['predicts 10 classes', 'the data has 2'])
+    # a timm model's weights (its classifier is 'fc') of 10 classes
+    torch.manual_seed(0)
+    torch.save(timm.create_model('resnet10t', num_classes=10).state_dict(), tmp_path / 'r10.pth')
+    _refused(folder, tmp_path, ['--kd-model', 'resnet10t', '--kd-checkpoint', tmp_path / 'r10.pth'],
+             ['predicts 10 classes'])
     # the right classes, but RGB images for the one-channel left-digit canvases
     assert_user_error(run_cli('train', '--dataset', 'left-digit', '--num-train', '40', '--num-val', '20', *TINY,
                               '--output', tmp_path / 'ld', '--kd-checkpoint', ten), '3-channel', '1 channels')

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from timm.task import DistillationTeacher, LogitDistillationTask, TrainingTask
 
-from .checkpoint import load_model
+from .checkpoint import load_model, read_checkpoint
 from .data import LeftDigitDataset
 from .data.transforms import model_img_size
 from .errors import DynaMixerError
+from .layout import unwrap_state_dict
 from .recipes import KD_TYPES, ConfigError
 
 __all__ = ['TeacherError', 'Teacher', 'HardDistillationTask', 'KD_TYPES', 'build_teacher', 'distillation_task',
@@ -123,7 +124,8 @@ def build_teacher(config: Dict[str, Any], class_names: List[str], student: nn.Mo
     teacher_names: Optional[List[str]] = None
     teacher_config: Dict[str, Any] = {}
     if path:
-        model, info = load_model(path, model_name=name)
+        classes = _checkpoint_classes(path, name)
+        model, info = load_model(path, model_name=name, **({'num_classes': classes} if classes else {}))
         teacher_names, teacher_config = info['class_names'], info['config']
         where = f'the teacher {path}'
     else:
@@ -165,6 +167,18 @@ def build_teacher(config: Dict[str, Any], class_names: List[str], student: nn.Mo
         cfg = resolve_data_config({}, model=model)
         mean, std = cfg['mean'], cfg['std']
     return Teacher(model, mean, std, model_img_size(model))
+
+
+def _checkpoint_classes(path: str, name: Optional[str]) -> Optional[int]:
+    """The class count of the weights in `path` for the timm model `name`, read from its classifier
+    (timm's pretrained config names it: 'fc', 'head', 'classifier', ...); None when not found
+    (`load_model` then reads it from a DynaMixer head)."""
+    cfg = timm.get_pretrained_cfg(name) if name else None
+    key = getattr(cfg, 'classifier', None)
+    if not key or key == 'head':
+        return None
+    weight = unwrap_state_dict(read_checkpoint(path)).get(f'{key}.weight')
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim >= 1 else None
 
 
 # the left-digit settings that change the training canvases (and so their mean / std)
