@@ -159,6 +159,15 @@ def test_teacher_from_a_timm_models_weights(folder, tmp_path, seen_teacher):
     assert got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items())
 
 
+def test_teacher_from_a_runs_safetensors(folder, trained, tmp_path, seen_teacher):
+    """The model.safetensors a run writes: model and arguments from its metadata."""
+    from safetensors.torch import load_file
+    path = os.path.join(trained['output'], 'model.safetensors')
+    train(config(tmp_path, kd_checkpoint=path), data=str(folder))
+    got, want = seen_teacher['teacher'].model.state_dict(), load_file(path)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+
+
 def test_resume_with_a_teacher_continues_exactly(folder, trained, tmp_path):
     """2 epochs in one go == 1 epoch, stop, resume (from the command line), 1 more; mixup, cutmix,
     label smoothing, drop-path and EMA on; hard distillation."""

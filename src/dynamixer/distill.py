@@ -36,6 +36,8 @@ from .checkpoint import load_model, read_checkpoint
 from .data import LeftDigitDataset
 from .data.transforms import model_img_size
 from .errors import DynaMixerError
+from .files import read_safetensors_metadata
+from .inference import load_inference_model
 from .layout import unwrap_state_dict
 from .recipes import KD_TYPES, ConfigError
 
@@ -124,8 +126,13 @@ def build_teacher(config: Dict[str, Any], class_names: List[str], student: nn.Mo
     teacher_names: Optional[List[str]] = None
     teacher_config: Dict[str, Any] = {}
     if path:
-        classes = _checkpoint_classes(path, name)
-        model, info = load_model(path, model_name=name, **({'num_classes': classes} if classes else {}))
+        if str(path).endswith('.safetensors') and read_safetensors_metadata(path):
+            # a model.safetensors this project wrote: its metadata names the model and its arguments
+            model, info = load_inference_model(path, name)
+            info['class_names'] = info['class_names'] if info['has_class_names'] else None
+        else:
+            classes = _checkpoint_classes(path, name)
+            model, info = load_model(path, model_name=name, **({'num_classes': classes} if classes else {}))
         teacher_names, teacher_config = info['class_names'], info['config']
         where = f'the teacher {path}'
     else:
@@ -153,10 +160,11 @@ def build_teacher(config: Dict[str, Any], class_names: List[str], student: nn.Mo
         raise TeacherError(f'{where} takes {teacher_chans}-channel images, the data has {in_chans} channels.')
     if config.get('dataset') in ('left-digit',):
         # normalised by the data set's statistics: the teacher must come from the same data set
-        if path and teacher_config.get('dataset') != config['dataset']:
+        # (a file without a training config, e.g. a model.safetensors, cannot be checked: trusted)
+        if path and teacher_config and teacher_config.get('dataset') != config['dataset']:
             raise TeacherError(f"{where} was not trained on the {config['dataset']} data set, whose canvases "
                                'are normalised by their own statistics; train the teacher on it first.')
-        differ = [k for k in _LEFT_DIGIT_DATA if path and teacher_config.get(k, config[k]) != config[k]]
+        differ = [k for k in _LEFT_DIGIT_DATA if teacher_config.get(k, config[k]) != config[k]]
         if differ:
             raise TeacherError(f'{where} was trained on other left-digit data ('
                                + ', '.join(f'{k} {teacher_config[k]} vs {config[k]}' for k in differ)
