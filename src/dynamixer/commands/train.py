@@ -13,6 +13,9 @@ created; a resumed run writes next to the checkpoint it resumes (wherever the co
 from) unless --output says otherwise; a folder that holds another run (`RUN_FILES`) is refused
 unless --overwrite is given or the run resumes that folder's own checkpoint; and a resumed run
 handed other data is refused (--pretrained starts a new run from the same weights).
+
+Distillation (--kd-model / --kd-checkpoint): the teacher and the timm task come from
+`dynamixer.distill`; the loop is the same, driving that task instead of the classification one.
 """
 from __future__ import annotations
 
@@ -324,10 +327,7 @@ def train(
     log = RunLog(output, config, enabled=process.is_main, tensorboard=config['tensorboard'], history=history)
     _announce(log, config, process, loaders, opt, len(train_set), len(val_set), len(class_names), data_report)
     if teacher is not None:
-        log.info(f"distilling ({config['kd_type']}, weight {config['kd_weight']}"
-                 + (f", temperature {config['kd_temperature']}" if config['kd_type'] == 'logit' else '')
-                 + f") from {config.get('kd_checkpoint') or config['kd_model']} "
-                 f"({type(teacher.model).__name__}, input {teacher.input_size[0]}x{teacher.input_size[1]})")
+        _announce_teacher(log, config, teacher)
 
     # per epoch: train, evaluate, save
     for epoch in range(start_epoch, opt.total_epochs):
@@ -494,6 +494,13 @@ def _announce(log: RunLog, config: Dict[str, Any], process: Process, loaders: _L
         log.write_bad_images(data_report['bad_images'])
     if loaders.steps_per_epoch == 0:
         raise DataError(f'each process gets fewer than {micro * accum} training images per epoch; lower --batch-size')
+
+
+def _announce_teacher(log: RunLog, config: Dict[str, Any], teacher: Teacher) -> None:
+    temperature = f", temperature {config['kd_temperature']}" if config['kd_type'] == 'logit' else ''
+    log.info(f"distilling ({config['kd_type']}, weight {config['kd_weight']}{temperature}) from "
+             f"{config.get('kd_checkpoint') or config['kd_model']} ({type(teacher.model).__name__}, input "
+             f"{teacher.input_size[0]}x{teacher.input_size[1]})")
 
 
 def _train_epoch(task: TrainingTask, loaders: _Loaders, opt: _Optimisation, config: Dict[str, Any],
