@@ -172,3 +172,16 @@ def test_torchrun_shares_the_runs_and_matches_one_process(tmp_path):
     assert read(tmp_path / 'ddp' / 'runs.csv') == read(tmp_path / 'one' / 'runs.csv')
     assert len(read(tmp_path / 'one' / 'runs.csv')) == 4
 
+
+
+def test_variant_options_named_like_training_settings_are_settings(tmp_path):
+    """A distillation variant: kd_* go to the run's settings, reduced_dim to the model."""
+    from dynamixer.commands.ablate import DataShape, train_config
+    args = cli.build_parser().parse_args(['ablate'])
+    shape = DataShape(4000, 2000, [str(i) for i in range(10)], 1, 24)
+    options = dict(kd_checkpoint='teacher.pth', kd_type='hard', reduced_dim=4)
+    c = train_config(vars(args), options, 0, shape, str(tmp_path))
+    assert (c['kd_checkpoint'], c['kd_type']) == ('teacher.pth', 'hard')
+    assert c['model_options']['reduced_dim'] == 4 and not any(k.startswith('kd_') for k in c['model_options'])
+    assert model_kwargs_for(options, 10, 1, 24, 0.0, 'dynamixer_nano') == \
+        model_kwargs_for(dict(reduced_dim=4), 10, 1, 24, 0.0, 'dynamixer_nano')

@@ -139,6 +139,7 @@ def _commands_reading(ckpt, work, image):
         'validate': ['validate', ckpt, '--dataset', 'digits'],
         'train-resume': ['train', '--resume', ckpt, '--output', work / 'runs' / 'resumed'],
         'train-pretrained': ['train', '--pretrained', ckpt, '--epochs', '1', '--output', work / 'runs' / 'pre'],
+        'train-teacher': ['train', '--kd-checkpoint', ckpt, '--epochs', '1', '--output', work / 'runs' / 'kd'],
         'push-to-hub': ['push-to-hub', ckpt, 'user/repo', '--local-dir', work / 'hub'],
         'show-mixing': ['show-mixing', ckpt, image, '--out', work / 'out' / 'mixing.png'],
     }
@@ -146,11 +147,12 @@ def _commands_reading(ckpt, work, image):
 
 @pytest.mark.parametrize('kind', DAMAGE)
 @pytest.mark.parametrize('command', ['export', 'export-onnx', 'predict', 'validate', 'train-resume',
-                                     'train-pretrained', 'push-to-hub', 'show-mixing'])
+                                     'train-pretrained', 'train-teacher', 'push-to-hub', 'show-mixing'])
 def test_every_command_refuses_every_damaged_checkpoint(work, damaged, image, command, kind):
     argv = _commands_reading(damaged[kind], work, image)[command]
     assert_user_error(run_cli(*argv))
     assert not (work / 'runs' / 'resumed' / 'last.pth').exists()
+    assert not (work / 'runs' / 'kd' / 'last.pth').exists()
 
 
 @pytest.mark.parametrize('kind', ['random-bytes', 'zero-byte', 'bad-json', 'foreign-json', 'no-json'])

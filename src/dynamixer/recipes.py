@@ -32,7 +32,7 @@ from .argtypes import (
 )
 from .errors import DynaMixerError
 
-__all__ = ['OPTIONS', 'RANGES', 'RECIPES', 'DEFAULTS', 'ConfigError', 'get_recipe', 'resolve_config',
+__all__ = ['OPTIONS', 'RANGES', 'RECIPES', 'DEFAULTS', 'KD_TYPES', 'ConfigError', 'get_recipe', 'resolve_config',
            'check_config', 'add_config_arguments', 'config_overrides', 'load_yaml']
 
 
@@ -99,6 +99,15 @@ OPTIONS: Dict[str, Tuple[Any, Any, str]] = {
     'mixup_switch_prob': (0.5, float, 'probability of cutmix instead of mixup when both are on'),
     'smoothing': (0.0, float, 'label smoothing'),
     'ema_decay': (None, 'float?', 'model EMA decay (off when unset); the EMA weights are evaluated too'),
+    # knowledge distillation (on when kd_model or kd_checkpoint is set)
+    'kd_model': (None, 'str?', 'teacher: a timm model name; random weights unless --kd-checkpoint is given '
+                               '(nothing is downloaded); default with --kd-checkpoint: the model it records'),
+    'kd_checkpoint': (None, 'str?', "teacher's weights: any checkpoint dynamixer reads (a run's last.pth, "
+                                    'model.safetensors, the authors\' files)'),
+    'kd_type': ('logit', str, "'logit' (KL divergence at --kd-temperature) or 'hard' (DeiT: cross-entropy "
+                              "against the teacher's argmax)"),
+    'kd_temperature': (4.0, float, "softmax temperature of 'logit' distillation"),
+    'kd_weight': (0.5, float, 'weight of the distillation loss; the label loss gets 1 - kd_weight'),
     # runtime
     'amp': ('auto', str, "mixed precision: 'auto' (bf16 or fp16 on GPUs, off on CPUs), 'bf16', 'fp16', 'none'"),
     'compile': (False, bool, 'torch.compile the model'),
@@ -155,9 +164,13 @@ RANGES: Dict[str, Bounded] = {
     'mixup_switch_prob': probability,
     'smoothing': unit_interval,
     'ema_decay': probability,
+    'kd_temperature': positive_float,
+    'kd_weight': probability,
     'threads': non_negative_int,
     'seed': non_negative_int,
 }
+
+KD_TYPES = ('logit', 'hard')  # knowledge distillation losses (`dynamixer.distill`)
 
 # The paper's ImageNet-1K recipe (spec section 5), one per size: identical except batch and drop-path.
 _IMAGENET = dict(
@@ -329,6 +342,8 @@ def check_config(config: Mapping[str, Any]) -> None:
     need(len(config['scale']) == 2 and len(config['ratio']) == 2, 'scale and ratio take two numbers each')
     for key in ('scale', 'ratio'):
         need(config[key][0] <= config[key][1], f'{key} is a range (low high); got {config[key]}')
+    need(config['kd_type'] in KD_TYPES, f"kd_type must be one of {', '.join(map(repr, KD_TYPES))}, "
+                                        f"got {config['kd_type']!r}")
     need(config['opt_betas'] is None or len(config['opt_betas']) == 2,
          f"opt_betas takes two numbers; got {config['opt_betas']}")
 

@@ -2,7 +2,8 @@
 
 Every variant is the same timm model with different constructor options (``model_kwargs``); no
 model code is copied. Every run is an ordinary `dynamixer.commands.train.train` run (its loop,
-checkpoint format and flags) with the variant's options as ``model_options``. This module holds the
+checkpoint format and flags) with the variant's options as ``model_options`` (options named like a `dynamixer train`
+setting, e.g. a distillation teacher's ``kd_checkpoint``, are that setting). This module holds the
 variants, the recipe, the tables and the plot; running the grid, reusing finished runs and sharing
 them over ranks is `dynamixer.experiments`. Each (variant, seed) run trains from scratch with the
 same data, the same recipe and, for a given seed, the same initialisation seed and batch order.
@@ -30,7 +31,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -43,7 +44,7 @@ from ..engine import Process, setup_process
 from ..errors import UsageError, require
 from ..files import atomic_save_figure, check_output_folder
 from ..model import MODEL_ARGS
-from ..recipes import RANGES, resolve_config
+from ..recipes import OPTIONS, RANGES, resolve_config
 from .train import train
 
 # The grid. The baseline is dynamixer_nano as registered: S = (4, 8, 8, 8) per stage, d = 2,
@@ -85,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f'variants to train (default: all of {", ".join(VARIANTS)})')
     parser.add_argument('--add-variant', action='append', default=[], metavar='NAME=JSON',
                         help='extra variant: a name and the model options as JSON, e.g. '
-                             '\'d=16={"reduced_dim": 16}\' (repeatable)')
+                             '\'d=16={"reduced_dim": 16}\'; names of `dynamixer train` settings are '
+                             'training settings, e.g. \'kd={"kd_checkpoint": "teacher/last.pth"}\' (repeatable)')
     parser.add_argument('--seeds', nargs='+', type=RANGES['seed'], default=[0, 1, 2])
     parser.add_argument('--model', default=d['model'], help='timm model name (default: %(default)s)')
     parser.add_argument('--img-size', type=RANGES['img_size'], default=None,
@@ -134,11 +136,19 @@ def is_left_digit(data: str) -> bool:
     return data == 'left-digit'
 
 
+def split_options(options: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(model options, training settings) of a variant: names of `dynamixer train` settings
+    (recipes.OPTIONS, e.g. kd_checkpoint for a teacher) are settings, the others model options."""
+    settings = {k: v for k, v in options.items() if k in OPTIONS}
+    return {k: v for k, v in options.items() if k not in settings}, settings
+
+
 def model_kwargs_for(options: Dict[str, Any], num_classes: int, in_chans: int, img_size: int,
                      drop_path: float, model: str) -> Dict[str, Any]:
-    """The timm.create_model options of a variant. A single int `num_segments` is broadcast to
-    every stage (the model takes one value per stage). Lists, not tuples: checkpoints stay plain."""
-    kw = dict(options)
+    """The timm.create_model options of a variant (its training settings left out). A single int
+    `num_segments` is broadcast to every stage (the model takes one value per stage). Lists, not
+    tuples: checkpoints stay plain."""
+    kw = split_options(options)[0]
     if isinstance(kw.get('num_segments'), int):
         stages = len(MODEL_ARGS[model]['depths']) if model in MODEL_ARGS else 4
         kw['num_segments'] = [kw['num_segments']] * stages
@@ -175,6 +185,7 @@ def train_config(cfg: Dict[str, Any], options: Dict[str, Any], seed: int, shape:
     if shape is not None:
         kw = model_kwargs_for(options, len(shape.class_names), shape.in_chans, shape.img_size, 0.0, cfg['model'])
         overrides['model_options'] = {k: v for k, v in kw.items() if k not in ('num_classes', 'drop_path_rate')}
+    overrides.update(split_options(options)[1])  # e.g. a teacher: kd_checkpoint, kd_type
     return resolve_config('scratch', overrides=overrides)
 
 
@@ -278,7 +289,7 @@ def write_tables(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]
           '-' if r['variant'] == BASELINE else experiments.format_mean_std(r['delta_mean'], r['delta_std'], sign=True),
           fmt(r['params'], ',.0f'), fmt(r['macs'] / 1e6, '.2f'), fmt(r['images_per_s'], '.0f'),
           fmt(r['speed_vs_baseline'], '.2f'), fmt(r['train_images_per_s'], '.0f')] for r in rows])
-    notes = [f"- `{r['variant']}`: {VARIANT_NOTES.get(r['variant'], 'model options ' + r['options'])}" for r in rows]
+    notes = [f"- `{r['variant']}`: {VARIANT_NOTES.get(r['variant'], 'options ' + r['options'])}" for r in rows]
     recipe = {k: cfg[k] for k in ('data', 'model', 'epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs',
                                   'smoothing', 'drop_path', 'num_train', 'num_val', 'canvas', 'align', 'data_seed')}
     experiments.write_markdown('\n'.join([

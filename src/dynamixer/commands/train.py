@@ -13,6 +13,9 @@ created; a resumed run writes next to the checkpoint it resumes (wherever the co
 from) unless --output says otherwise; a folder that holds another run (`RUN_FILES`) is refused
 unless --overwrite is given or the run resumes that folder's own checkpoint; and a resumed run
 handed other data is refused (--pretrained starts a new run from the same weights).
+
+Distillation (--kd-model / --kd-checkpoint): the teacher and the timm task come from
+`dynamixer.distill`; the loop is the same, driving that task instead of the classification one.
 """
 from __future__ import annotations
 
@@ -32,10 +35,12 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.task import ClassificationTask, TrainingTask
 from timm.utils import ModelEmaV3, NativeScaler
 
 from .. import __version__
 from ..data import DataError, build_datasets, build_transforms
+from ..distill import Teacher, build_teacher, distillation_task, input_normalisation, teacher_digest
 from ..engine import (
     NonFiniteLoss,
     Process,
@@ -297,6 +302,8 @@ def train(
     config = copy.deepcopy(dict(config))
     # absolute, so that a resume from another working directory finds them
     config['data'] = os.path.abspath(data) if data else data
+    if config.get('kd_checkpoint'):
+        config['kd_checkpoint'] = os.path.abspath(config['kd_checkpoint'])
     config['output'] = run_folder(config, resume)
     data = config['data']
     start_time = time.perf_counter()
@@ -312,27 +319,32 @@ def train(
     except (ValueError, AssertionError, KeyError) as e:  # timm's transform factory on unknown policies
         raise ConfigError(f"the augmentation settings do not work (auto_augment {config['auto_augment']!r}): "
                           f'{e or type(e).__name__}') from None
+    student_norm = input_normalisation(model, train_set)
+    teacher = _build_teacher(config, class_names, model, student_norm, data_report)
     loaders = _make_loaders(config, train_set, val_set, process)
     opt = _make_optimisation(config, model, loaders.steps_per_epoch, len(class_names), process.device)
 
     # resume
     start_epoch, step, history = 0, 0, []  # type: ignore[var-annotated]
     if resume:
-        start_epoch, step, history = _resume(resume, config, class_names, model, opt, loaders.generator)
+        start_epoch, step, history = _resume(resume, config, class_names, model, opt, loaders.generator, teacher)
 
     net = _wrap_model(model, config, process)
+    task = _make_task(net, opt, teacher, config, student_norm, process)
     output = config['output']
     log = RunLog(output, config, enabled=process.is_main, tensorboard=config['tensorboard'], history=history)
     _announce(log, config, process, loaders, opt, len(train_set), len(val_set), len(class_names), data_report)
+    if teacher is not None:
+        _announce_teacher(log, config, teacher)
 
     # per epoch: train, evaluate, save
     for epoch in range(start_epoch, opt.total_epochs):
-        metrics = _train_epoch(net, model, loaders, opt, config, process, epoch, step, log, hooks.get('loss'))
+        metrics = _train_epoch(task, loaders, opt, config, process, epoch, step, log, hooks.get('loss'))
         step = metrics['step']
         metrics.update(_validate(net, opt.ema, loaders.val, opt.amp_dtype, process))
         log.epoch(metrics)
         _save_checkpoint(model, opt, loaders.generator, config, class_names, log, epoch + 1, step, metrics,
-                         process)
+                         process, teacher)
         if 'epoch_end' in hooks:
             hooks['epoch_end'](epoch + 1)
 
@@ -423,10 +435,11 @@ def _make_optimisation(config: Dict[str, Any], model: nn.Module, steps_per_epoch
 
 
 def _resume(path: str, config: Dict[str, Any], class_names: List[str], model: nn.Module, opt: _Optimisation,
-            generator: torch.Generator) -> Tuple[int, int, List[Dict[str, Any]]]:
+            generator: torch.Generator, teacher: Optional[Teacher]) -> Tuple[int, int, List[Dict[str, Any]]]:
     """Load weights, optimiser, scaler and RNG states; returns (epoch, step, history) to continue from."""
     ckpt = read_checkpoint(path)
     _check_resume(ckpt, config, class_names, path)
+    _check_resume_teacher(ckpt, teacher, path)
     try:
         model.load_state_dict(ckpt['state_dict'])
         if opt.ema is not None and 'state_dict_ema' in ckpt:
@@ -459,6 +472,25 @@ def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> n
     return model
 
 
+def _build_teacher(config: Dict[str, Any], class_names: List[str], model: nn.Module,
+                   student_norm: Tuple[Any, Any], data_report: Dict[str, Any]) -> Optional[Teacher]:
+    """The distillation teacher when config['kd_model'] or config['kd_checkpoint'] names one, else None;
+    refused (a DynaMixerError) before training when it does not fit the data."""
+    if not (config.get('kd_model') or config.get('kd_checkpoint')):
+        return None
+    return build_teacher(config, class_names, model, student_norm, data_report.get('model_kwargs'))
+
+
+def _make_task(net: nn.Module, opt: _Optimisation, teacher: Optional[Teacher], config: Dict[str, Any],
+               student_norm: Tuple[Any, Any], process: Process) -> TrainingTask:
+    """What turns a batch into a loss for `engine.train_one_epoch`: the model (`net`, DDP / compiled
+    when asked for) and the criterion, with the teacher's distillation loss when there is one."""
+    if teacher is None:
+        return ClassificationTask(net, criterion=opt.criterion, device=process.device, verbose=False)
+    return distillation_task(net, teacher, opt.criterion, config['kd_type'], config['kd_temperature'],
+                             config['kd_weight'], student_norm, process.device)
+
+
 def _announce(log: RunLog, config: Dict[str, Any], process: Process, loaders: _Loaders, opt: _Optimisation,
               n_train: int, n_val: int, n_classes: int, data_report: Dict[str, Any]) -> None:
     world, accum, micro = process.world, loaders.accum, loaders.micro
@@ -472,7 +504,14 @@ def _announce(log: RunLog, config: Dict[str, Any], process: Process, loaders: _L
         raise DataError(f'each process gets fewer than {micro * accum} training images per epoch; lower --batch-size')
 
 
-def _train_epoch(net: nn.Module, model: nn.Module, loaders: _Loaders, opt: _Optimisation, config: Dict[str, Any],
+def _announce_teacher(log: RunLog, config: Dict[str, Any], teacher: Teacher) -> None:
+    temperature = f", temperature {config['kd_temperature']}" if config['kd_type'] == 'logit' else ''
+    log.info(f"distilling ({config['kd_type']}, weight {config['kd_weight']}{temperature}) from "
+             f"{config.get('kd_checkpoint') or config['kd_model']} ({type(teacher.model).__name__}, input "
+             f"{teacher.input_size[0]}x{teacher.input_size[1]})")
+
+
+def _train_epoch(task: TrainingTask, loaders: _Loaders, opt: _Optimisation, config: Dict[str, Any],
                  process: Process, epoch: int, step: int, log: RunLog,
                  loss_hook: Optional[Callable]) -> Dict[str, Any]:
     """One epoch with its own seeds (seed, epoch, rank); the epoch's metrics."""
@@ -481,8 +520,8 @@ def _train_epoch(net: nn.Module, model: nn.Module, loaders: _Loaders, opt: _Opti
     bar = log.progress(loaders.steps_per_epoch, f'epoch {epoch + 1}/{opt.total_epochs}', config['progress'])
     try:
         r = train_one_epoch(
-            net, model, loaders.train, loaders.steps_per_epoch, opt.optimizer, opt.scheduler, opt.criterion,
-            process, epoch, step, accum=loaders.accum, micro_batch=loaders.micro, amp_dtype=opt.amp_dtype,
+            task, loaders.train, loaders.steps_per_epoch, opt.optimizer, opt.scheduler,
+            process, epoch, step, accum=loaders.accum, amp_dtype=opt.amp_dtype,
             scaler=opt.scaler, clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
             mixup_fn=opt.mixup_fn, ema=opt.ema, loss_hook=loss_hook,
             on_step=lambda loss, lr, ips: log.advance(bar, loss=loss, lr=lr, ips=ips))
@@ -507,7 +546,7 @@ def _validate(net: nn.Module, ema: Optional[ModelEmaV3], val_loader: Any, amp_dt
 
 def _save_checkpoint(model: nn.Module, opt: _Optimisation, generator: torch.Generator, config: Dict[str, Any],
                      class_names: List[str], log: RunLog, epoch: int, step: int, metrics: Dict[str, Any],
-                     process: Process) -> None:
+                     process: Process, teacher: Optional[Teacher] = None) -> None:
     """last.pth (atomically): everything a bit-identical resume needs; refused for non-finite weights."""
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
@@ -528,6 +567,8 @@ def _save_checkpoint(model: nn.Module, opt: _Optimisation, generator: torch.Gene
     }
     if opt.ema is not None:
         state['state_dict_ema'] = opt.ema.module.state_dict()
+    if teacher is not None:
+        state['kd_teacher_sha256'] = teacher_digest(teacher)  # a resume checks it is the same teacher
     atomic_torch_save(state, os.path.join(config['output'], 'last.pth'))
 
 
@@ -571,3 +612,22 @@ def _check_resume(ckpt: Dict[str, Any], config: Dict[str, Any], class_names: Lis
                               f'has {len(class_names)} ({", ".join(class_names[:5])}...): a resumed run continues '
                               f'on its own data. To train on these classes starting from its weights, start a '
                               f'new run with --pretrained {path}.')
+
+
+def _check_resume_teacher(ckpt: Dict[str, Any], teacher: Optional[Teacher], path: str) -> None:
+    """A resumed run distils from the teacher it started with (the same weights) or from none."""
+    was = ckpt.get('kd_teacher_sha256')
+    now = teacher_digest(teacher) if teacher is not None else None
+    if was == now:
+        return
+    new_run = f'start a new run from its weights with --pretrained {path}'
+    if was is None:
+        raise CheckpointError(f'{path} was trained without a teacher: a resumed run cannot start distilling; '
+                              f'{new_run}.')
+    named = ckpt['config'].get('kd_checkpoint') or ckpt['config'].get('kd_model')
+    if now is None:
+        raise CheckpointError(f'{path} was trained with the teacher {named}: a resumed run keeps distilling '
+                              f'from it; to go on without it, {new_run}.')
+    raise CheckpointError(f'{path} was trained with the teacher {named}, whose weights differ from the teacher '
+                          'given now: a resumed run continues with the teacher it started with. Restore that '
+                          f'file, or {new_run}.')
