@@ -20,7 +20,7 @@ from dynamixer.cli import main as cli_main
 from dynamixer.commands import train as train_module
 from dynamixer.commands.train import train
 from dynamixer.distill import HardDistillationTask, Teacher, distillation_task, teacher_digest
-from helpers import SRC, config, folder, trained, weights  # noqa: F401
+from helpers import SRC, config, weights
 from test_train import NO_RANDOM_AUG, _free_port
 from test_user_errors import assert_user_error, run_cli
 
