@@ -416,8 +416,11 @@ class DynaMixer(nn.Module):
             if global_pool not in ('', 'avg'):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        dd = dict(device=self.norm.weight.device, dtype=self.norm.weight.dtype) if hasattr(self.norm, 'weight') else {}
+        # the new head joins the model as it is: its device, dtype and train / eval mode
+        p = next(self.parameters(), None)
+        dd = dict(device=p.device, dtype=p.dtype) if p is not None else {}
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """`nn.Module.load_state_dict`, naming weights that do not fit before anything is copied.
@@ -615,7 +618,9 @@ def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
         return build_model_with_cfg(
             DynaMixer, variant, pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            # 'getter' (forward_intermediates, NCHW maps) by default; flatten_sequential lets
+            # feature_cls='list' / 'dict' / 'hook' find the stages (their maps stay NHWC, output_fmt)
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter', flatten_sequential=True),
             **model_args,
         )
 
