@@ -320,12 +320,21 @@ def test_full_size_models_load_every_file_kind(tmp_path, name):
     with torch.no_grad():
         for p in src.parameters():
             p.add_(0.01 * torch.randn_like(p))   # off init, so init-valued weights would show
-    for kind in FILE_KINDS:
+    for kind in FILE_KINDS:    # every kind headless (the common case); every setting from one
         path = _write(kind, src.state_dict(), tmp_path)
-        for setting in ('headless', 'new_head', 'gray_headless', 'kept_head'):
+        for setting in SETTINGS if kind == 'authors_ema' else ['headless']:
             kwargs = SETTINGS[setting]
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
             _assert_loaded_from(model, src, kwargs.get('num_classes'), kwargs.get('in_chans', 3))
+            if kind == 'project':    # and it computes the file's features, on both paths
+                x = torch.rand(1, 3, 224, 224)
+                with torch.no_grad():
+                    with dynamixer.set_fast_path(False):
+                        expected = src.forward_features(x)
+                    for fast in (True, False):
+                        with dynamixer.set_fast_path(fast):
+                            torch.testing.assert_close(model.eval().forward_features(x), expected,
+                                                       rtol=1e-4, atol=1e-4)
             del model
         path.unlink()
 
