@@ -176,10 +176,14 @@ def mismatch(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         return (first_conv is not None and k == first_conv + '.weight' and len(have) == len(want) == 4
                 and have[0] == want[0] and have[2:] == want[2:])
 
+    def shape(v: Any) -> Any:   # entries without a shape (a quantised Linear's packed params) are not compared
+        return getattr(v, 'shape', None)
+
     missing = [k for k in expected if k not in state_dict and k not in optional]
     unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [k for k in expected
-                   if k in state_dict and state_dict[k].shape != expected[k].shape and not allowed(k)]
+                   if k in state_dict and shape(state_dict[k]) != shape(expected[k])
+                   and shape(expected[k]) is not None and shape(state_dict[k]) is not None and not allowed(k)]
     if not (missing or unexpected or wrong_shape):
         return None
     parts = []
