@@ -11,10 +11,10 @@ an outside package's models. Here they are called as timm wrote them.
 import inspect
 
 import pytest
+import test_models  # timm's tests/test_models.py, collected first from the same folder
 import timm
 
 import dynamixer  # noqa: F401  (registers the models)
-import test_models  # timm's tests/test_models.py, collected first from the same folder
 
 TIMM_TESTS = ['test_model_forward_features', 'test_model_forward_intermediates',
               'test_model_forward_intermediates_features', 'test_prune_intermediate_layers_contract']
