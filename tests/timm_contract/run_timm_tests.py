@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import timm
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / 'src'
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='where the timm sdist and its test file are kept (default: %(default)s)')
     args = parser.parse_args(own)
 
-    import timm  # the installed version decides which test file fits
+    # the installed timm's version decides which test file fits
     test_file = fetch_test_file(timm.__version__, args.cache)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get('PYTHONPATH')])))
     selection = [] if any(a == '-k' or a.startswith('-k') for a in extra) else ['-k', 'dynamixer']
