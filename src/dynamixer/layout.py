@@ -16,7 +16,7 @@ in order (``network.k.proj.*`` for a transition, ``network.k.j.*`` for the layer
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Collection, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -162,11 +162,12 @@ def describe(state_dict: Mapping[str, Any]) -> str:
 
 
 def mismatch(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-             first_conv: Optional[str] = None) -> Optional[str]:
+             first_conv: Optional[str] = None, optional: Collection[str] = ()) -> Optional[str]:
     """What keeps `state_dict` (our layout) from loading into a model with `expected`; None if it fits.
 
-    The classifier may differ (a new head), and so may the input channels of `first_conv`'s weight
-    (timm adapts them to the model's in_chans after the filter).
+    The classifier's shape may differ (the caller explains a class count of its own), and so may
+    the input channels of `first_conv`'s weight (timm adapts them to the model's in_chans). Keys
+    in `optional` may be missing from `state_dict` (a classifier timm left out for a new head).
     """
     def allowed(k: str) -> bool:
         if k in ('head.weight', 'head.bias'):
@@ -175,10 +176,14 @@ def mismatch(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         return (first_conv is not None and k == first_conv + '.weight' and len(have) == len(want) == 4
                 and have[0] == want[0] and have[2:] == want[2:])
 
-    missing = [k for k in expected if k not in state_dict]
+    def shape(v: Any) -> Any:   # entries without a shape (a quantised Linear's packed params) are not compared
+        return getattr(v, 'shape', None)
+
+    missing = [k for k in expected if k not in state_dict and k not in optional]
     unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [k for k in expected
-                   if k in state_dict and state_dict[k].shape != expected[k].shape and not allowed(k)]
+                   if k in state_dict and shape(state_dict[k]) != shape(expected[k])
+                   and shape(expected[k]) is not None and shape(state_dict[k]) is not None and not allowed(k)]
     if not (missing or unexpected or wrong_shape):
         return None
     parts = []

@@ -17,8 +17,10 @@ Module layout (this project's own state-dict keys)::
 and so on, see the spec and `layout.py`) to this one. Whether a module runs this file's plain
 math or a fast form (`ops/`) is decided by `ops.dispatch`, once per block and per layer.
 """
+import contextlib
+import contextvars
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,7 +35,7 @@ from .ops import dispatch, fast_forms
 
 __all__ = [
     'DynaMixerOp', 'DynaMixerBlock', 'MixerLayer', 'DynaMixerStage', 'DynaMixer',
-    'checkpoint_filter_fn', 'token_grids',
+    'WeightsMismatchError', 'checkpoint_filter_fn', 'token_grids',
 ]
 
 
@@ -275,12 +277,36 @@ class DynaMixerStage(nn.Module):
         return x
 
 
+class WeightsMismatchError(ValueError, RuntimeError):
+    """Weights that do not fit the model (another architecture, class count or input channels).
+
+    A ValueError, as this project reports a checkpoint that does not fit, and a RuntimeError, as
+    `nn.Module.load_state_dict` reports one, so callers catching either keep working."""
+
+
+# Set while `_create_dynamixer` has timm load pretrained weights: timm loads non-strictly after
+# dropping the classifier it does not want, and that load may leave out only the classifier.
+_TIMM_PRETRAINED_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    'dynamixer_timm_pretrained_load', default=False)
+
+
+@contextlib.contextmanager
+def _timm_pretrained_load() -> Iterator[None]:
+    token = _TIMM_PRETRAINED_LOAD.set(True)
+    try:
+        yield
+    finally:
+        _TIMM_PRETRAINED_LOAD.reset(token)
+
+
 class DynaMixer(nn.Module):
     """DynaMixer network: (B, in_chans, H, W) images -> (B, num_classes) logits.
 
-    `forward_features` returns the normed last-stage tokens, (B, H', W', C), channels last.
+    `forward_features` returns the normed last-stage tokens, (B, H', W', C), channels last: the
+    model declares ``output_fmt = 'NHWC'`` (and ``feature_dim = -1``), as timm's channels-last
+    models do, so timm's tools read the channel axis right; `forward_head` takes that layout.
     The model is built for one input size (the generators are shaped by the token grid); the
-    input is checked against it.
+    input is checked against it. A strict `load_state_dict` names weights that do not fit.
     """
 
     def __init__(
@@ -317,6 +343,10 @@ class DynaMixer(nn.Module):
         self.patch_size = patch_size
         self.grid_sizes = token_grids(self.img_size, patch_size, downsamples)
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        # forward_features and the stages work channels last; timm reads these two (like
+        # sequencer2d's) to find the channel axis of forward_features and forward_head(global_pool='')
+        self.output_fmt = 'NHWC'
+        self.feature_dim = -1
         self.grad_checkpointing = False
 
         self.stem = PatchEmbed(in_chans, embed_dims[0], patch_size, **dd)
@@ -386,8 +416,56 @@ class DynaMixer(nn.Module):
             if global_pool not in ('', 'avg'):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        dd = dict(device=self.norm.weight.device, dtype=self.norm.weight.dtype) if hasattr(self.norm, 'weight') else {}
+        # the new head joins the model as it is: its device, dtype and train / eval mode
+        p = next(self.parameters(), None)
+        dd = dict(device=p.device, dtype=p.dtype) if p is not None else {}
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """`nn.Module.load_state_dict`, naming weights that do not fit before anything is copied.
+
+        A strict load raises `WeightsMismatchError` saying what differs (another architecture,
+        with the variant the weights fit, or another class count) where torch lists keys. timm's
+        pretrained load in `timm.create_model(..., pretrained=True)` is non-strict only to leave
+        out the classifier it dropped for a new head: it is held to the same check, the
+        classifier excepted. Any other non-strict load keeps torch's meaning.
+        """
+        if strict or _TIMM_PRETRAINED_LOAD.get():
+            self._check_fit(state_dict, optional=() if strict else self._classifier_keys())
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _classifier_keys(self) -> Tuple[str, ...]:
+        names = (getattr(self, 'pretrained_cfg', None) or {}).get('classifier') or 'head'
+        names = (names,) if isinstance(names, str) else tuple(names)
+        return tuple(f'{n}.{p}' for n in names for p in ('weight', 'bias'))
+
+    def _check_fit(self, state_dict: Mapping[str, Any], optional: Sequence[str] = ()) -> None:
+        """Raise WeightsMismatchError unless `state_dict` (this layout) loads; `optional` keys may be missing."""
+        expected = self.state_dict()
+        problem = layout.mismatch(state_dict, expected, optional=optional)
+        if problem is not None:
+            guess = layout.infer_variant(state_dict, MODEL_ARGS)
+            if guess is not None and guess == (getattr(self, 'pretrained_cfg', None) or {}).get('architecture'):
+                advice = (f' The checkpoint has the layers of {guess} but not all its weights: the file '
+                          f'is incomplete or was edited.')
+            else:
+                advice = (f'{f" It fits {guess}." if guess else ""} Build the model the checkpoint was '
+                          f'trained as (names: dynamixer.list_models()).')
+            raw = layout.unwrap_state_dict(state_dict)
+            hint = (' Convert it with dynamixer.checkpoint_filter_fn(state_dict, model) first (or load '
+                    'it with dynamixer.load_model).' if raw.keys() != state_dict.keys() or
+                    layout.is_authors_layout(raw) else '')
+            raise WeightsMismatchError(
+                f'checkpoint does not fit this model: {problem}. Checkpoint: {layout.describe(state_dict)}. '
+                f'Model: {layout.describe(expected)}.{advice}{hint}')
+        head_w, want = state_dict.get('head.weight'), expected.get('head.weight')
+        if head_w is not None and want is not None and head_w.shape != want.shape:
+            raise WeightsMismatchError(
+                f'checkpoint classifier has {head_w.shape[0]} classes, the model {want.shape[0]}. '
+                f'To keep the trained head pass num_classes={head_w.shape[0]} and '
+                f'pretrained_cfg_overlay=dict(file=..., num_classes={head_w.shape[0]}); for a new '
+                f'head pass num_classes=N (timm then drops the old one).')
 
     def _check(self, x: torch.Tensor) -> None:
         _check_input(x, self.in_chans, self.img_size, 'DynaMixer')
@@ -467,56 +545,44 @@ class DynaMixer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _first_conv_source(model: nn.Module) -> Optional[str]:
-    """The first conv whose input channels timm adapts after the filter (None when it would not):
-    the model's in_chans differs from the channels the pretrained cfg declares."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    source_chans = (cfg.get('input_size') or (3,))[0]
-    return cfg.get('first_conv', 'stem.proj') if getattr(model, 'in_chans', source_chans) != source_chans else None
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DynaMixer) -> Dict[str, torch.Tensor]:
-    """Convert a checkpoint (authors' layout or this project's) for `model`, or explain why not.
+    """Convert a checkpoint (authors' layout or this project's) to `model`'s key names and token grid.
 
     Accepts a bare state dict or a training checkpoint dict ('state_dict_ema', 'state_dict', ...),
     with or without 'module.' prefixes. Weights trained at another input size are converted: the
     mixing generators (and static logits) are resampled to this model's token grid (see
-    `dynamixer.resample`). The first conv may have another input channel count than the model's
-    `in_chans`: timm adapts it after this filter (`adapt_input_conv`). Raises ValueError naming the
-    mismatch when the weights are for another architecture or class count.
+    `dynamixer.resample`).
+
+    The filter does not judge whether the weights fit: timm calls it before it drops the
+    classifier weights a new head does not want and adapts the first conv to the model's
+    in_chans, and `DynaMixer.load_state_dict`, where timm then loads them, raises
+    `WeightsMismatchError` (a ValueError) naming any mismatch. Only the first conv's input
+    channels are checked here, because timm's own check of them comes next: it adapts only from
+    the channel count the pretrained cfg declares.
     """
     raw = layout.unwrap_state_dict(state_dict)
-    expected = model.state_dict()
     # another input size changes only the token count N of the mixing generators: resample them
-    state_dict = resample.resample_to_shapes(layout.authors_to_ours(raw), {k: v.shape for k, v in expected.items()})
-    first_conv = _first_conv_source(model)
-    problem = layout.mismatch(state_dict, expected, first_conv=first_conv)
-    if first_conv is not None and problem is None:
-        have = state_dict[first_conv + '.weight'].shape[1]
-        source = (model.pretrained_cfg.get('input_size') or (3,))[0]
-        if have not in (model.in_chans, source):   # equal to in_chans: nothing to adapt
-            problem = (f'{first_conv}.weight has {have} input channels, the pretrained cfg declares {source}; '
-                       f'timm adapts only from the declared count')
-    if problem is not None:
-        guess = layout.infer_variant(raw, MODEL_ARGS)
-        guess = f' It fits {guess}.' if guess else ''
-        raise ValueError(
-            f'checkpoint does not fit this model: {problem}. Checkpoint: {layout.describe(raw)}. '
-            f'Model: {layout.describe(expected)}.{guess} Build the model the checkpoint was '
-            f'trained as (names: dynamixer.list_models()).')
-
-    head_w = state_dict.get('head.weight')
-    expected_head = expected.get('head.weight')
-    if head_w is not None and expected_head is not None and head_w.shape != expected_head.shape:
-        cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes', model.num_classes)
-        if cfg_classes == model.num_classes:
-            # timm would try to load this head and fail with a bare size-mismatch error
-            raise ValueError(
-                f'checkpoint classifier has {head_w.shape[0]} classes, the model {model.num_classes}. '
-                f'To keep the trained head pass num_classes={head_w.shape[0]} and '
-                f'pretrained_cfg_overlay=dict(file=..., num_classes={head_w.shape[0]}); for a new '
-                f'head pass num_classes=N (timm then drops the old one).')
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state_dict = resample.resample_to_shapes(layout.authors_to_ours(raw), shapes)
+    _check_first_conv(state_dict, model)
     return state_dict
+
+
+def _check_first_conv(state_dict: Mapping[str, Any], model: nn.Module) -> None:
+    """Raise WeightsMismatchError for a first conv with input channels timm would refuse (neither
+    the model's in_chans, loaded unchanged, nor the pretrained cfg's, adapted)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    name = cfg.get('first_conv') or 'stem.proj'
+    weight = state_dict.get(f'{name}.weight') if isinstance(name, str) else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        return   # nothing timm adapts; the load names what is wrong
+    have, want = weight.shape[1], getattr(model, 'in_chans', 3)
+    declared = (cfg.get('input_size') or (3,))[0]
+    if have not in (want, declared):
+        raise WeightsMismatchError(
+            f'checkpoint does not fit this model: {name}.weight has {have} input channels, the model '
+            f'takes {want}, and timm adapts only from the {declared} its pretrained cfg declares '
+            f'(input_size). Build the model with in_chans={have} to load the weights unchanged.')
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,12 +611,16 @@ def _create_dynamixer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     out_indices = model_args.pop('out_indices', tuple(range(len(model_args['depths']))))
     if pretrained:
         files.check_pretrained_file(model_args.get('pretrained_cfg'), model_args.get('pretrained_cfg_overlay'))
-    # the authors' checkpoints pickle their argparse.Namespace; allow just that under weights_only
-    with files.authors_pickle_globals():
+    # the authors' checkpoints pickle their argparse.Namespace; allow just that under weights_only.
+    # The weights' fit is judged where timm loads them (DynaMixer.load_state_dict), after it has
+    # dropped a classifier it does not want; the context lets that non-strict load be checked too.
+    with files.authors_pickle_globals(), (_timm_pretrained_load() if pretrained else contextlib.nullcontext()):
         return build_model_with_cfg(
             DynaMixer, variant, pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            # 'getter' (forward_intermediates, NCHW maps) by default; flatten_sequential lets
+            # feature_cls='list' / 'dict' / 'hook' find the stages (their maps stay NHWC, output_fmt)
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter', flatten_sequential=True),
             **model_args,
         )
 

@@ -65,10 +65,9 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
         kwargs['img_size'] = img_size
     if pretrained_file is not None:
         # num_classes=0: no classifier to fill, so a checkpoint with any head loads (timm drops the
-        # classifier of its own models by their pretrained_cfg; DynaMixer's is dropped here)
+        # classifier named by the model's pretrained_cfg, DynaMixer's included)
         kwargs.update(pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay=dict(
-                          state_dict=_trunk_weights(pretrained_file, drop_head=_is_dynamixer(model_name))))
+                      pretrained_cfg_overlay=dict(state_dict=_trunk_weights(pretrained_file)))
     try:
         return timm.create_model(model_name, **kwargs)
     except RuntimeError as e:
@@ -77,25 +76,24 @@ def _build_trunk(model_name: str, img_size: Tuple[int, int], pretrained_file: Op
                              f'(dynamixer.list_models()) or any timm model with features_only') from None
         if pretrained_file is None:
             raise
-        # timm's load_state_dict size mismatch for non-DynaMixer trunks
+        # weights that do not fit: torch's size mismatch for other trunks, DynaMixer's
+        # WeightsMismatchError (also a RuntimeError; it names the variant the weights fit)
         raise DenseError(f'{pretrained_file}: the weights do not fit {model_name}: {e}') from None
     except DynaMixerError:
         raise
     except ValueError as e:
         if pretrained_file is None:
             raise DenseError(str(e)) from None
-        # checkpoint_filter_fn's explanation (names the variant the weights fit, if any)
+        # another ValueError from building the trunk with these weights
         raise DenseError(f'{pretrained_file}: cannot build the {model_name} backbone from it: {e}') from None
 
 
-def _trunk_weights(path: str, drop_head: bool) -> Dict[str, torch.Tensor]:
+def _trunk_weights(path: str) -> Dict[str, torch.Tensor]:
     """A checkpoint's weights, read safely (files.read_checkpoint: no pickled code), EMA weights
-    first, 'module.' stripped (layout.unwrap_state_dict). With `drop_head`, without DynaMixer's
-    classifier (both layouts name it 'head.'): checkpoint_filter_fn would otherwise count it as a
-    weight the headless model lacks; the filter converts the authors' layout and resamples."""
+    first, 'module.' stripped (layout.unwrap_state_dict); for DynaMixer the filter then converts
+    the authors' layout and resamples."""
     weights = unwrap_state_dict(read_checkpoint(path))
-    return {k: v for k, v in weights.items()
-            if isinstance(v, torch.Tensor) and not (drop_head and k.startswith('head.'))}
+    return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
 
 
 def _pyramid_inputs(reductions: Sequence[int]) -> List[int]:
