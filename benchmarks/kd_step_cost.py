@@ -17,8 +17,8 @@ import sys
 
 import timm
 import torch
-from timm.task import ClassificationTask
 from timm.loss import LabelSmoothingCrossEntropy
+from timm.task import ClassificationTask
 
 from dynamixer.data import build_datasets
 from dynamixer.distill import build_teacher, distillation_task, input_normalisation

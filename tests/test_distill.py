@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from test_train import NO_RANDOM_AUG, _free_port
+from test_user_errors import assert_user_error, run_cli
 
 from dynamixer.checkpoint import read_checkpoint
 from dynamixer.cli import main as cli_main
@@ -21,8 +23,6 @@ from dynamixer.commands import train as train_module
 from dynamixer.commands.train import train
 from dynamixer.distill import HardDistillationTask, Teacher, distillation_task, teacher_digest
 from helpers import SRC, config, weights
-from test_train import NO_RANDOM_AUG, _free_port
-from test_user_errors import assert_user_error, run_cli
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

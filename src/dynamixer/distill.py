@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import timm
 import torch
@@ -90,7 +90,8 @@ class HardDistillationTask(LogitDistillationTask):
         student_logits = self.trainable_module(input)
         task_loss = self.criterion(student_logits, target)
         with torch.no_grad():
-            teacher_logits = self.teacher(self.teacher.normalize_input(input, self.student_mean, self.student_std))
+            mean, std = cast(torch.Tensor, self.student_mean), cast(torch.Tensor, self.student_std)  # buffers
+            teacher_logits = self.teacher(self.teacher.normalize_input(input, mean, std))
         kd_loss = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
         loss = self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss
         return {'loss': loss, 'output': student_logits, 'task_loss': task_loss, 'kd_loss': kd_loss}
@@ -136,6 +137,7 @@ def build_teacher(config: Dict[str, Any], class_names: List[str], student: nn.Mo
         teacher_names, teacher_config = info['class_names'], info['config']
         where = f'the teacher {path}'
     else:
+        assert name, 'build_teacher is called with kd_model or kd_checkpoint set'
         kwargs: Dict[str, Any] = dict(num_classes=n_classes, in_chans=in_chans)
         with torch.random.fork_rng():  # the same random teacher on every process and on resume
             torch.manual_seed(config['seed'])

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.task import TrainingTask
 from timm.utils import dispatch_clip_grad, unwrap_model
 
 from .errors import DynaMixerError
@@ -198,7 +199,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def train_one_epoch(
-        task: nn.Module,
+        task: TrainingTask,
         batches: Iterable,
         steps: int,
         optimizer: torch.optim.Optimizer,
