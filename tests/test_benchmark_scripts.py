@@ -74,6 +74,23 @@ def test_bench_speed_smoke(tmp_path):
     assert not any(p.startswith('cpp') for p in res['paths_train']['library-eager'])
 
 
+def test_bench_gpu_refuses_without_a_gpu_and_passes_its_defaults(monkeypatch):
+    """The GPU check runs bench_speed on CUDA with its GPU defaults; with no GPU it says so."""
+    bench_gpu = script('bench_gpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='needs a CUDA GPU'):
+            bench_gpu.main([])
+    seen = []
+    monkeypatch.setattr(bench_gpu.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(bench_gpu, 'triton_available', lambda: True)
+    monkeypatch.setattr(bench_gpu.bench_speed, 'main', lambda argv: seen.append(argv) or 0)
+    assert bench_gpu.main(['--rounds', '3']) == 0
+    assert seen == [['--device', 'cuda', '--no-compile', '--models', 'dynamixer_s', '--rounds', '3']]
+    monkeypatch.setattr(bench_gpu, 'triton_available', lambda: False)
+    with pytest.raises(SystemExit, match='Triton is not installed'):
+        bench_gpu.main([])
+
+
 def test_time_parts_smoke():
     # its own process: it wraps the library's functions with timers
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
