@@ -1,4 +1,5 @@
 """dynamixer.engine: devices, RNG state, evaluate, one training epoch, multiply-add counting."""
+import copy
 import random
 
 import numpy as np
@@ -7,6 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
+from timm.task import ClassificationTask, TrainingTask
 
 from dynamixer import engine
 from dynamixer.commands import hub, info
@@ -56,8 +58,9 @@ class _ConstantLR:
 
 def _epoch(model, batches, accum=1, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return train_one_epoch(model, model, batches, len(batches) // accum, opt, _ConstantLR(), nn.CrossEntropyLoss(),
-                           Process(), epoch=0, step=0, accum=accum, micro_batch=len(batches[0][1]), **kw)
+    task = ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False)
+    return train_one_epoch(task, batches, len(batches) // accum, opt, _ConstantLR(), Process(), epoch=0, step=0,
+                           accum=accum, **kw)
 
 
 def test_train_one_epoch_accumulation_equals_one_big_batch():
@@ -87,3 +90,41 @@ def test_resolve_device():
         assert resolve_device('auto') == torch.device('cpu')
         with pytest.raises(engine.DeviceError, match='no CUDA'):
             resolve_device('cuda')
+
+
+def test_to_device_recurses_into_lists_tuples_and_dicts():
+    batch = ([torch.zeros(2), torch.ones(1)], [{'boxes': torch.zeros(1, 4), 'labels': torch.tensor([1]), 'id': 7}])
+    moved = engine.to_device(batch, torch.device('meta'))
+    assert isinstance(moved, tuple) and isinstance(moved[0], list) and isinstance(moved[1][0], dict)
+    assert moved[0][0].device.type == moved[1][0]['boxes'].device.type == 'meta' and moved[1][0]['id'] == 7
+
+
+class _ListTask(TrainingTask):
+    """A detection-like task: a list of images and a list of target dicts; the loss is a regression."""
+
+    def __init__(self, model):
+        super().__init__(verbose=False)
+        self.trainable_module = model
+
+    def forward(self, images, targets):
+        out = torch.stack([self.trainable_module(x) for x in images])
+        return {'loss': ((out - torch.stack([t['y'] for t in targets])) ** 2).mean()}
+
+
+def test_train_one_epoch_drives_any_task_and_counts_images_from_the_batch():
+    """Lists of inputs and of target dicts reach the task; images are counted from the batch; the EMA
+    follows the task's eval model; a task's loss is what is optimised."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batches = [([torch.randn(3) for _ in range(5)], [{'y': torch.randn(2)} for _ in range(5)]) for _ in range(4)]
+    ema = timm.utils.ModelEmaV3(model, decay=0.5)
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []  # the weights after each update
+    r = train_one_epoch(_ListTask(model), batches, 2, opt, _ConstantLR(), Process(), epoch=0, step=0, accum=2, ema=ema,
+                        on_step=lambda *a: seen.append(model.weight.detach().clone()))
+    assert r['step'] == 2 and r['images'] == 20
+    assert not torch.equal(seen[0], before['weight']) and not torch.equal(seen[1], seen[0])
+    # timm's EMA copies the model at update 1 (step-based decay 0), then moves half-way (decay 0.5)
+    expected = 0.5 * seen[0] + 0.5 * seen[1]
+    assert torch.allclose(ema.module.weight, expected, atol=1e-6)

@@ -1,5 +1,5 @@
 """What training, validation and the ablation grid share: processes and devices, randomness,
-one training epoch, evaluation and multiply-add counting.
+one training epoch (driving a task: see `train_one_epoch`), evaluation and multiply-add counting.
 
 Nothing here parses flags or writes files; the commands (`train`, `validate`, `ablate`) do.
 """
@@ -18,12 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
-from timm.utils import dispatch_clip_grad
+from timm.utils import dispatch_clip_grad, unwrap_model
 
 from .errors import DynaMixerError
 
 __all__ = ['Process', 'DeviceError', 'resolve_device', 'setup_process', 'seed_epoch', 'worker_init',
-           'rng_state', 'set_rng_state', 'resolve_amp', 'evaluate', 'train_one_epoch', 'count_macs',
+           'rng_state', 'set_rng_state', 'resolve_amp', 'evaluate', 'to_device', 'train_one_epoch', 'count_macs',
            'NonFiniteLoss']
 
 
@@ -185,19 +185,28 @@ def _check_finite(loss: torch.Tensor, world: int, epoch: int, step: int) -> None
         raise NonFiniteLoss(float(loss), epoch, step)
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """`batch` with every tensor in it moved to `device`, through tuples, lists and dicts (a
+    detection batch: a list of images and a list of target dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def train_one_epoch(
-        model: nn.Module,
-        raw_model: nn.Module,
+        task: nn.Module,
         batches: Iterable,
         steps: int,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        criterion: nn.Module,
         process: Process,
         epoch: int,
         step: int,
         accum: int = 1,
-        micro_batch: int = 1,
         amp_dtype: Optional[torch.dtype] = None,
         scaler: Any = None,
         clip_grad: Optional[float] = None,
@@ -210,13 +219,27 @@ def train_one_epoch(
     """`steps` optimiser updates of `accum` micro-batches each; returns dict(step, lr, train_loss,
     images, seconds).
 
-    `model` is what runs forward (DDP / compiled), `raw_model` the plain module (clipping, EMA).
+    The task turns a batch into a loss, so one loop trains plain classification, distillation and
+    other targets alike. A task is a `timm.task.TrainingTask` (or has the same methods):
+
+    - ``task(input, target)`` -> dict with at least ``'loss'`` (a scalar tensor to back-propagate);
+      `input` and `target` are what the loader yields, moved to the device by `to_device`
+      (tensors [B, C, H, W] and [B] for classification; lists of images and of target dicts work too);
+    - ``task.no_sync()``: the context that skips DDP's gradient all-reduce on the micro-batches
+      before the last one of an update;
+    - ``task.get_clip_parameters()``: the parameters whose gradients are clipped;
+    - ``task.get_eval_model()``: the trained model (possibly DDP / compiled; `ema` follows its
+      unwrapped module, e.g. the student, not a teacher);
+    - ``task.train()`` puts what trains in training mode (a teacher stays in eval mode).
+
     The lr follows `scheduler.step_update(step)` before each update, so it depends on the update
-    count alone. Raises NonFiniteLoss when the loss is NaN or infinite on any process.
+    count alone. `mixup_fn(input, target)` (tensors only) runs on each micro-batch before the task.
+    `loss_hook(loss, step)` -> loss sees each micro-batch's loss (tests inject NaNs with it).
+    Raises NonFiniteLoss when the loss is NaN or infinite on any process.
     `on_step(loss, lr, images_per_s)` is called after each update (progress bars).
     """
     device, world = process.device, process.world
-    model.train()
+    task.train()
     start = time.perf_counter()
     loss_sum, images, lr = 0.0, 0, float('nan')
     it = iter(batches)
@@ -224,35 +247,34 @@ def train_one_epoch(
         scheduler.step_update(step)
         step_loss = torch.zeros((), device=device)
         for k in range(accum):
-            x, y = next(it)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(next(it), device)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
             last = k == accum - 1
-            sync = model.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            sync = task.no_sync() if world > 1 and not last else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = criterion(model(x), y)
+                    loss = task(x, y)['loss']
                 if loss_hook is not None:
                     loss = loss_hook(loss, step)
                 _check_finite(loss.detach(), world, epoch, step)
                 if scaler is not None:  # fp16: scaled backward; steps (with clipping) on the last micro-batch
                     scaler(loss / accum, optimizer, clip_grad=clip_grad, clip_mode=clip_mode,
-                           parameters=raw_model.parameters(), need_update=last)
+                           parameters=task.get_clip_parameters(), need_update=last)
                 else:
                     (loss / accum).backward()
             step_loss += loss.detach() / accum
+            images += len(x) * world  # every process takes a batch of the same size (drop_last)
         if scaler is None:
             if clip_grad is not None:
-                dispatch_clip_grad(raw_model.parameters(), clip_grad, mode=clip_mode)
+                dispatch_clip_grad(task.get_clip_parameters(), clip_grad, mode=clip_mode)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if ema is not None:
-            ema.update(raw_model, step=step)
+            ema.update(unwrap_model(task.get_eval_model()), step=step)
         loss_value = float(step_loss)
         loss_sum += loss_value
-        images += micro_batch * accum * world
         lr = optimizer.param_groups[-1]['lr']  # the head's group: the recipe's lr
         if on_step is not None:
             on_step(loss_value, lr, images / (time.perf_counter() - start))

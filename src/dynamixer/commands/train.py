@@ -33,6 +33,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.task import ClassificationTask, TrainingTask
 from timm.utils import ModelEmaV3, NativeScaler
 
 from .. import __version__
@@ -313,13 +314,14 @@ def train(
         start_epoch, step, history = _resume(resume, config, class_names, model, opt, loaders.generator)
 
     net = _wrap_model(model, config, process)
+    task = _make_task(net, opt, process)
     output = config['output']
     log = RunLog(output, config, enabled=process.is_main, tensorboard=config['tensorboard'], history=history)
     _announce(log, config, process, loaders, opt, len(train_set), len(val_set), len(class_names), data_report)
 
     # per epoch: train, evaluate, save
     for epoch in range(start_epoch, opt.total_epochs):
-        metrics = _train_epoch(net, model, loaders, opt, config, process, epoch, step, log, hooks.get('loss'))
+        metrics = _train_epoch(task, loaders, opt, config, process, epoch, step, log, hooks.get('loss'))
         step = metrics['step']
         metrics.update(_validate(net, opt.ema, loaders.val, opt.amp_dtype, process))
         log.epoch(metrics)
@@ -451,6 +453,12 @@ def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> n
     return model
 
 
+def _make_task(net: nn.Module, opt: _Optimisation, process: Process) -> TrainingTask:
+    """What turns a batch into a loss for `engine.train_one_epoch`: the model (`net`, DDP / compiled
+    when asked for) and the criterion."""
+    return ClassificationTask(net, criterion=opt.criterion, device=process.device, verbose=False)
+
+
 def _announce(log: RunLog, config: Dict[str, Any], process: Process, loaders: _Loaders, opt: _Optimisation,
               n_train: int, n_val: int, n_classes: int, data_report: Dict[str, Any]) -> None:
     world, accum, micro = process.world, loaders.accum, loaders.micro
@@ -464,7 +472,7 @@ def _announce(log: RunLog, config: Dict[str, Any], process: Process, loaders: _L
         raise DataError(f'each process gets fewer than {micro * accum} training images per epoch; lower --batch-size')
 
 
-def _train_epoch(net: nn.Module, model: nn.Module, loaders: _Loaders, opt: _Optimisation, config: Dict[str, Any],
+def _train_epoch(task: TrainingTask, loaders: _Loaders, opt: _Optimisation, config: Dict[str, Any],
                  process: Process, epoch: int, step: int, log: RunLog,
                  loss_hook: Optional[Callable]) -> Dict[str, Any]:
     """One epoch with its own seeds (seed, epoch, rank); the epoch's metrics."""
@@ -473,8 +481,8 @@ def _train_epoch(net: nn.Module, model: nn.Module, loaders: _Loaders, opt: _Opti
     bar = log.progress(loaders.steps_per_epoch, f'epoch {epoch + 1}/{opt.total_epochs}', config['progress'])
     try:
         r = train_one_epoch(
-            net, model, loaders.train, loaders.steps_per_epoch, opt.optimizer, opt.scheduler, opt.criterion,
-            process, epoch, step, accum=loaders.accum, micro_batch=loaders.micro, amp_dtype=opt.amp_dtype,
+            task, loaders.train, loaders.steps_per_epoch, opt.optimizer, opt.scheduler,
+            process, epoch, step, accum=loaders.accum, amp_dtype=opt.amp_dtype,
             scaler=opt.scaler, clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
             mixup_fn=opt.mixup_fn, ema=opt.ema, loss_hook=loss_hook,
             on_step=lambda loss, lr, ips: log.advance(bar, loss=loss, lr=lr, ips=ips))
