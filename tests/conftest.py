@@ -52,3 +52,15 @@ def cpu_kernels_built():
         pytest.skip('no C++ compiler on PATH: the compiled CPU kernels cannot be built here')
     assert cpu_kernels.available(), f'the compiled CPU kernels did not build: {cpu_kernels.build_error()}'
     return cpu_kernels
+
+
+@pytest.fixture(scope='session')
+def digits_coco(tmp_path_factory):
+    """The digits detection canvases on disk (dynamixer.dense.write_digits_coco): 16 train and 8
+    val 32x32 canvases, COCO JSON + PNGs + class-index masks + classes.txt. Read-only: tests that
+    change files copy it first (`copy_digits_coco`)."""
+    pytest.importorskip('pycocotools')
+    from dynamixer.dense.digits_coco import write_digits_coco
+    out = tmp_path_factory.mktemp('digits_coco')
+    write_digits_coco(str(out), num_train=16, num_val=8, canvas=32, digit_size=(10, 14), max_digits=2)
+    return out
