@@ -42,29 +42,22 @@ from ..data import DataError, build_datasets, build_transforms
 from ..engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
                      setup_process, train_one_epoch, worker_init)
 from ..errors import DynaMixerError
-from ..files import check_output_folder
 from ..layout import unwrap_state_dict
 from ..model import checkpoint_filter_fn
 from ..recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
 from ..runlog import RunLog, atomic_torch_save, save_safetensors
+from ..runs import RUN_FILES, RunFolderError, holds_run, run_folder
+from ..runs import claim_run_folder as _claim_run_folder, default_output as _default_output
 
 _logger = logging.getLogger('dynamixer.train')
 
 __all__ = ['train', 'TrainingError', 'RunFolderError', 'RUN_FILES', 'holds_run', 'run_folder', 'evaluate',
            'add_arguments', 'run']
 
-# the files that make a folder a run's: a folder holding any of them is not written into unasked
-RUN_FILES = ('last.pth', 'model.safetensors', 'metrics.json', 'metrics.csv')
-# what --overwrite removes before the new run starts (so nothing of the old run is left to mix in)
-_REPLACED_FILES = RUN_FILES + ('config.yaml', 'curves.png', 'bad_images.txt')
 
 
 class TrainingError(DynaMixerError, RuntimeError):
     """Training cannot go on (a non-finite loss, a resume checkpoint that does not fit)."""
-
-
-class RunFolderError(DynaMixerError, ValueError):
-    """The run folder holds another run, and nothing said to replace it."""
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -220,51 +213,6 @@ def _param_groups(model: nn.Module, weight_decay: float, body_lr_scale: float) -
                                lr_scale=1.0 if is_head else body_lr_scale)
         groups[key]['params'].append(p)
     return [groups[k] for k in sorted(groups)]
-
-
-def run_folder(config: Dict[str, Any], resume: Optional[str] = None) -> str:
-    """Where a run writes, as an absolute path: config['output'], else the resumed checkpoint's
-    folder, else a new runs/<recipe>-<model> folder (numbered when that one holds a run)."""
-    if config.get('output'):
-        return os.path.abspath(config['output'])
-    return os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config)
-
-
-def _default_output(config: Dict[str, Any], create: bool = True) -> str:
-    base = os.path.abspath(os.path.join('runs', f"{config.get('recipe', 'run')}-{config['model']}"))
-    if not create:
-        return base
-    path, n = base, 1
-    while holds_run(path):  # never overwrite a run
-        n += 1
-        path = f'{base}-{n}'
-    return path
-
-
-def holds_run(folder: str) -> List[str]:
-    """The run files (`RUN_FILES`) in `folder`; empty when it holds no run."""
-    return [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
-
-
-def _claim_run_folder(output: str, resume: Optional[str], overwrite: bool, is_main: bool) -> None:
-    """Refuse a folder that holds another run, unless `overwrite` (its run files are then removed
-    by the main process) or the run resumes a checkpoint in that same folder."""
-    check_output_folder(output, 'run folder')
-    found = holds_run(output)
-    if not found:
-        return
-    if resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(output):
-        return  # continuing the folder's own run
-    if not overwrite:
-        raise RunFolderError(
-            f'{output} holds another run ({", ".join(found)}); it is not replaced without a word. Pass '
-            f'--overwrite to replace it, --resume {os.path.join(output, "last.pth")} to continue it, or '
-            'choose another --output.')
-    if is_main:
-        for name in _REPLACED_FILES:
-            path = os.path.join(output, name)
-            if os.path.isfile(path):
-                os.remove(path)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
