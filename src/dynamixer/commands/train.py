@@ -36,28 +36,22 @@ from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationTask, TrainingTask
 from timm.utils import ModelEmaV3, NativeScaler
 
-from .. import __version__
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..data import DataError, build_datasets, build_transforms
-from ..engine import (NonFiniteLoss, Process, evaluate, resolve_amp, rng_state, seed_epoch, set_rng_state,
-                     setup_process, train_one_epoch, worker_init)
-from ..errors import DynaMixerError
+from ..engine import (NonFiniteLoss, Process, evaluate, resolve_amp, seed_epoch, setup_process, train_one_epoch,
+                     worker_init)
 from ..layout import unwrap_state_dict
 from ..model import checkpoint_filter_fn
 from ..recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
-from ..runlog import RunLog, atomic_torch_save, save_safetensors
-from ..runs import RUN_FILES, RunFolderError, holds_run, run_folder
+from ..runlog import RunLog, save_safetensors
+from ..runs import (RUN_FILES, RunFolderError, TrainingError, holds_run, restore_training_state, run_folder,
+                    save_training_state)
 from ..runs import claim_run_folder as _claim_run_folder, default_output as _default_output
 
 _logger = logging.getLogger('dynamixer.train')
 
 __all__ = ['train', 'TrainingError', 'RunFolderError', 'RUN_FILES', 'holds_run', 'run_folder', 'evaluate',
            'add_arguments', 'run']
-
-
-
-class TrainingError(DynaMixerError, RuntimeError):
-    """Training cannot go on (a non-finite loss, a resume checkpoint that does not fit)."""
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -369,23 +363,7 @@ def _resume(path: str, config: Dict[str, Any], class_names: List[str], model: nn
     """Load weights, optimiser, scaler and RNG states; returns (epoch, step, history) to continue from."""
     ckpt = read_checkpoint(path)
     _check_resume(ckpt, config, class_names, path)
-    try:
-        model.load_state_dict(ckpt['state_dict'])
-        if opt.ema is not None and 'state_dict_ema' in ckpt:
-            opt.ema.module.load_state_dict(ckpt['state_dict_ema'])
-        opt.optimizer.load_state_dict(ckpt['optimizer'])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f'{path}: does not fit this run ({e})') from None
-    if opt.scaler is not None and ckpt.get('scaler'):
-        opt.scaler.load_state_dict(ckpt['scaler'])
-    # The schedule is rebuilt from the settings rather than loaded: the lr is a function of the
-    # update count, so this continues it exactly, and a resume with a new --epochs or --lr follows them.
-    set_rng_state(ckpt['rng'], generator)
-    epoch, step = int(ckpt['epoch']), int(ckpt['step'])
-    if epoch >= opt.total_epochs:
-        raise TrainingError(f'{path} already finished all {opt.total_epochs} epochs; '
-                            'pass a larger --epochs to train on')
-    return epoch, step, list((ckpt.get('metrics') or {}).get('history', []))
+    return restore_training_state(ckpt, path, model, opt.optimizer, opt.scaler, opt.ema, generator, opt.total_epochs)
 
 
 def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> nn.Module:
@@ -457,26 +435,8 @@ def _save_checkpoint(model: nn.Module, opt: _Optimisation, generator: torch.Gene
                      class_names: List[str], log: RunLog, epoch: int, step: int, metrics: Dict[str, Any],
                      process: Process) -> None:
     """last.pth (atomically): everything a bit-identical resume needs; refused for non-finite weights."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise TrainingError(f'the weights became non-finite ({name}) in epoch {epoch}; '
-                                f"not saving them. {_advice(config['output'])}")
-    if not process.is_main:
-        return
-    state = {
-        'state_dict': model.state_dict(),
-        'optimizer': opt.optimizer.state_dict(),
-        'scheduler': opt.scheduler.state_dict(),
-        'scaler': opt.scaler.state_dict() if opt.scaler is not None else None,
-        'rng': rng_state(generator),
-        'epoch': epoch, 'step': step,
-        'config': config, 'class_names': class_names,
-        'metrics': {**metrics, 'history': log.history},
-        'version': __version__,
-    }
-    if opt.ema is not None:
-        state['state_dict_ema'] = opt.ema.module.state_dict()
-    atomic_torch_save(state, os.path.join(config['output'], 'last.pth'))
+    save_training_state(config['output'], model, opt.optimizer, opt.scheduler, opt.scaler, opt.ema, generator, config,
+                        class_names, epoch, step, metrics, log.history, process.is_main, _advice(config['output']))
 
 
 def _finish(model: nn.Module, ema: Optional[ModelEmaV3], config: Dict[str, Any], class_names: List[str],
