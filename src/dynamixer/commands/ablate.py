@@ -1,10 +1,12 @@
 """`dynamixer ablate`: does dynamic mixing help? Train a grid of variants, same recipe and data.
 
 Every variant is the same timm model with different constructor options (``model_kwargs``); no
-model code is copied. Every run is an ordinary `dynamixer.commands.train.train` run (its loop, checkpoint
-format and flags) with the variant's options as ``model_options``; this module holds the grid,
-the reuse of finished runs, the sharing of runs over ranks, the tables and the plot. Each (variant, seed) run trains from scratch with the same data, the same
-recipe and, for a given seed, the same initialisation seed and batch order. The command writes
+model code is copied. Every run is an ordinary `dynamixer.commands.train.train` run (its loop,
+checkpoint format and flags) with the variant's options as ``model_options``. This module holds the
+variants, the recipe, the tables and the plot; running the grid, reusing finished runs and sharing
+them over ranks is `dynamixer.experiments`. Each (variant, seed) run trains from scratch with the
+same data, the same recipe and, for a given seed, the same initialisation seed and batch order.
+The command writes
 
     OUT/runs/<variant>__seed<k>.json   one finished run (top-1, losses, times, its config)
     OUT/runs/<variant>__seed<k>/       its `dynamixer train` run folder (last.pth, metrics, curves)
@@ -22,8 +24,6 @@ torch.distributed and writes the tables. The runs are distributed, not the batch
 is an ordinary single-device training, so results do not depend on the number of ranks.
 """
 import argparse
-import csv
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 import timm
 
+from .. import experiments
 from ..argtypes import non_negative_int, positive_int
 from ..data import build_datasets
 from ..engine import Process, count_macs, setup_process
@@ -246,22 +247,15 @@ def summarize(runs: List[Dict[str, Any]], variants: Sequence[str], costs: Dict[s
               baseline: str = BASELINE) -> List[Dict[str, Any]]:
     """One row per variant: top-1 over seeds (mean, sample std, min, max), the paired (same
     seed) difference to the baseline, and the variant's costs."""
-    by = {v: {r['seed']: r for r in runs if r['variant'] == v} for v in variants}
     rows = []
-    for v in variants:
-        seeds = sorted(by[v])
-        if not seeds:
-            continue
-        acc = [by[v][s]['top1'] for s in seeds]
+    for s in experiments.summarize(runs, key=lambda r: r['variant'], metrics=('top1', 'train_images_per_s'),
+                                   order=variants, baseline=baseline, paired=('top1',)):
+        v = s['setting']
         row = dict(variant=v, options=json.dumps(VARIANTS.get(v, costs.get(v, {}).get('options', {}))),
-                   seeds=len(seeds), top1_mean=statistics.mean(acc),
-                   top1_std=statistics.stdev(acc) if len(acc) > 1 else float('nan'),
-                   top1_min=min(acc), top1_max=max(acc),
-                   top1_per_seed=' '.join(f'{a:.1f}' for a in acc))
-        paired = [by[v][s]['top1'] - by[baseline][s]['top1'] for s in seeds if s in by.get(baseline, {})]
-        row['delta_mean'] = statistics.mean(paired) if paired and v != baseline else float('nan')
-        row['delta_std'] = statistics.stdev(paired) if len(paired) > 1 and v != baseline else float('nan')
-        row['train_images_per_s'] = statistics.median(by[v][s]['train_images_per_s'] for s in seeds)
+                   seeds=s['seeds'], top1_mean=s['top1_mean'], top1_std=s['top1_std'], top1_min=s['top1_min'],
+                   top1_max=s['top1_max'], top1_per_seed=' '.join(f'{a:.1f}' for a in s['top1_per_seed']),
+                   delta_mean=s['top1_delta_mean'], delta_std=s['top1_delta_std'],
+                   train_images_per_s=statistics.median(s['train_images_per_s_per_seed']))
         row.update({k: costs.get(v, {}).get(k, float('nan')) for k in ('params', 'macs', 'images_per_s')})
         rows.append(row)
     base = next((r for r in rows if r['variant'] == baseline), None)
@@ -271,50 +265,38 @@ def summarize(runs: List[Dict[str, Any]], variants: Sequence[str], costs: Dict[s
     return rows
 
 
-def _fmt(x: float, spec: str) -> str:
-    return '-' if x != x else format(x, spec)
+RUN_FIELDS = ['variant', 'seed', 'top1', 'val_loss', 'train_loss', 'train_seconds', 'train_images_per_s', 'params']
+RESULT_FIELDS = ['variant', 'options', 'seeds', 'top1_mean', 'top1_std', 'top1_min', 'top1_max', 'top1_per_seed',
+                 'delta_mean', 'delta_std', 'params', 'macs', 'images_per_s', 'speed_vs_baseline',
+                 'train_images_per_s']
 
 
 def write_tables(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], cfg: Dict[str, Any]) -> None:
-    run_fields = ['variant', 'seed', 'top1', 'val_loss', 'train_loss', 'train_seconds', 'train_images_per_s', 'params']
-    with open(os.path.join(out, 'runs.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, run_fields, extrasaction='ignore')
-        w.writeheader()
-        w.writerows(sorted(runs, key=lambda r: (r['variant'], r['seed'])))
-    fields = ['variant', 'options', 'seeds', 'top1_mean', 'top1_std', 'top1_min', 'top1_max', 'top1_per_seed',
-              'delta_mean', 'delta_std', 'params', 'macs', 'images_per_s', 'speed_vs_baseline',
-              'train_images_per_s']
-    with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows(rows)
-    lines = [
-        f'| variant | top-1 % mean ± std (n) | per seed | Δ vs {BASELINE} (paired) | params | MMACs | '
-        f'images/s (inference) | speed vs {BASELINE} | train images/s |',
-        '|---|---|---|---|---|---|---|---|---|',
-    ]
-    for r in rows:
-        delta = '-' if r['variant'] == BASELINE else (
-            f"{_fmt(r['delta_mean'], '+.1f')} ± {_fmt(r['delta_std'], '.1f')}")
-        lines.append(
-            f"| {r['variant']} | {r['top1_mean']:.1f} ± {_fmt(r['top1_std'], '.1f')} ({r['seeds']}) | "
-            f"{r['top1_per_seed']} | {delta} | {_fmt(r['params'], ',.0f')} | {_fmt(r['macs'] / 1e6, '.2f')} | "
-            f"{_fmt(r['images_per_s'], '.0f')} | {_fmt(r['speed_vs_baseline'], '.2f')} | "
-            f"{_fmt(r['train_images_per_s'], '.0f')} |")
+    """OUT/runs.csv, results.csv and results.md, each written atomically."""
+    fmt = experiments.format_number
+    experiments.write_csv(sorted(runs, key=lambda r: (r['variant'], r['seed'])),
+                          os.path.join(out, 'runs.csv'), RUN_FIELDS)
+    experiments.write_csv(rows, os.path.join(out, 'results.csv'), RESULT_FIELDS)
+    table = experiments.markdown_table(
+        ['variant', 'top-1 % mean ± std (n)', 'per seed', f'Δ vs {BASELINE} (paired)', 'params', 'MMACs',
+         'images/s (inference)', f'speed vs {BASELINE}', 'train images/s'],
+        [[r['variant'], f"{experiments.format_mean_std(r['top1_mean'], r['top1_std'])} ({r['seeds']})",
+          r['top1_per_seed'],
+          '-' if r['variant'] == BASELINE else experiments.format_mean_std(r['delta_mean'], r['delta_std'], sign=True),
+          fmt(r['params'], ',.0f'), fmt(r['macs'] / 1e6, '.2f'), fmt(r['images_per_s'], '.0f'),
+          fmt(r['speed_vs_baseline'], '.2f'), fmt(r['train_images_per_s'], '.0f')] for r in rows])
     notes = [f"- `{r['variant']}`: {VARIANT_NOTES.get(r['variant'], 'model options ' + r['options'])}" for r in rows]
     recipe = {k: cfg[k] for k in ('data', 'model', 'epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs',
                                   'smoothing', 'drop_path', 'num_train', 'num_val', 'canvas', 'align', 'data_seed')}
-    text = '\n'.join([
+    experiments.write_markdown('\n'.join([
         '# Ablation results', '',
         f'Recipe: `{json.dumps(recipe)}`; seeds {cfg["seeds"]}.', '',
-        *lines, '',
+        table,
         'Δ is the mean ± std over seeds of (variant - baseline) for the same seed. Parameters and '
         'multiply-adds (FlopCounterMode / 2) are per image; images/s is inference at batch '
         f'{cfg["speed_batch"]}, timed interleaved in one process (median of {cfg["speed_rounds"]} rounds); '
         'train images/s is the median over seeds of the training runs (affected by machine load).', '',
-        'Variants:', *notes, ''])
-    with open(os.path.join(out, 'results.md'), 'w') as f:
-        f.write(text)
+        'Variants:', *notes, '']), os.path.join(out, 'results.md'))
 
 
 def plot(out: str, runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], title: str = '') -> str:
@@ -383,12 +365,13 @@ def _parse_extra(specs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     return extra
 
 
-def _fingerprint(cfg: Dict[str, Any], name: str, options: Dict[str, Any], seed: int) -> str:
-    recipe = {k: v for k, v in cfg.items()
-              if k not in ('out', 'variants', 'seeds', 'device', 'threads', 'workers', 'no_checkpoints',
-                           'fresh', 'speed_batch', 'speed_rounds', 'add_variant', 'report_only')}
-    blob = json.dumps(dict(recipe=recipe, name=name, options=options, seed=seed), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+GRID_OPTIONS = ('out', 'variants', 'seeds', 'device', 'threads', 'workers', 'no_checkpoints', 'fresh',
+                'speed_batch', 'speed_rounds', 'add_variant', 'report_only')
+
+
+def recipe_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings a run's result depends on (its fingerprint): not where or how fast it runs."""
+    return {k: v for k, v in cfg.items() if k not in GRID_OPTIONS}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -415,60 +398,44 @@ def _run_grid(args: argparse.Namespace, cfg: Dict[str, Any], grid: Dict[str, Dic
         print(f'[rank {rank}] {msg}' if world > 1 else msg, flush=True)
 
     out = args.out
-    os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
     data = describe_data(cfg)
     log(f'data: {data.num_train} train / {data.num_val} val images, {len(data.class_names)} classes, '
         f'{data.img_size}x{data.img_size}x{data.in_chans}; device {device}; {world} process(es)')
 
     # seed-major order: a partial grid has every variant with the first seeds
-    jobs = [(v, s) for s in args.seeds for v in variants]
-    mine = jobs[rank::world]
-    runs = []
+    jobs = [experiments.Job(v, grid[v], s) for s in args.seeds for v in variants]
     wall = time.perf_counter()
-    for i, (v, s) in enumerate(mine):
-        fp = _fingerprint(cfg, v, grid[v], s)
-        path = os.path.join(out, 'runs', f'{v}__seed{s}.json')
-        if not args.fresh and os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
-            if old.get('fingerprint') == fp:
-                log(f'[{i + 1}/{len(mine)}] {v} seed {s}: reusing {path} (top-1 {old["top1"]:.1f})')
-                runs.append(old)
-                continue
-        if args.report_only:
-            log(f'[{i + 1}/{len(mine)}] {v} seed {s}: not trained yet (--report-only)')
-            continue
-        folder = None if args.no_checkpoints else os.path.join(out, 'runs', f'{v}__seed{s}')
-        log(f'[{i + 1}/{len(mine)}] {v} seed {s}: options {grid[v]}')
-        r = train_run(v, grid[v], s, cfg, data, device, folder)
-        r['fingerprint'] = fp
-        with open(path, 'w') as f:
-            json.dump(r, f, indent=1)
-        log(f'[{i + 1}/{len(mine)}] {v} seed {s}: top-1 {r["top1"]:.2f} in {r["train_seconds"]:.0f}s '
-            f'(elapsed {time.perf_counter() - wall:.0f}s)')
-        runs.append(r)
-        if world == 1:  # keep the tables current, so an interrupted grid still has results
-            finish(out, runs, variants, grid, cfg, data, device, speed=False)
 
-    if world > 1:
-        gathered: List[Optional[List[Dict[str, Any]]]] = [None] * world
-        dist.all_gather_object(gathered, runs)
-        runs = [r for part in gathered for r in (part or [])]
+    def train_job(job: experiments.Job) -> Dict[str, Any]:
+        folder = None if args.no_checkpoints else os.path.join(out, 'runs', job.name)
+        return train_run(job.setting, job.options, job.seed, cfg, data, device, folder)
+
+    def finished(job: experiments.Job, r: Dict[str, Any], runs: List[Dict[str, Any]]) -> None:
+        log(f'{job.setting} seed {job.seed}: top-1 {r["top1"]:.2f} in {r["train_seconds"]:.0f}s '
+            f'(elapsed {time.perf_counter() - wall:.0f}s)')
+        if world == 1:  # keep the tables current, so an interrupted grid still has results
+            report(out, runs, variants, grid, cfg, data, device, speed=False)
+
+    runs = experiments.run_grid(jobs, train_job, os.path.join(out, 'runs'), recipe_of(cfg), fresh=args.fresh,
+                                train=not args.report_only, rank=rank, world=world, on_record=finished, log=log)
+    runs = experiments.gather(runs, world)
     if rank == 0:
-        rows = finish(out, runs, variants, grid, cfg, data, device, speed=args.speed_rounds > 0)
+        report(out, runs, variants, grid, cfg, data, device, speed=args.speed_rounds > 0)
         log(f'{len(runs)} runs in {time.perf_counter() - wall:.0f}s; wrote {out}/results.md, '
             f'results.csv, runs.csv, ablation.png')
-        print(open(os.path.join(out, 'results.md')).read())
+        with open(os.path.join(out, 'results.md')) as f:
+            print(f.read())
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return 0
 
 
-def finish(out: str, runs: List[Dict[str, Any]], variants: Sequence[str], grid: Dict[str, Dict[str, Any]],
+def report(out: str, runs: List[Dict[str, Any]], variants: Sequence[str], grid: Dict[str, Dict[str, Any]],
            cfg: Dict[str, Any], data: DataShape, device: torch.device,
            speed: bool) -> List[Dict[str, Any]]:
-    """Measure costs of the variants present in `runs`, write runs.csv, results.csv/.md and the plot."""
+    """The grid's report: costs of the variants present in `runs` (parameters, multiply-adds and,
+    with `speed`, inference images/s), then runs.csv, results.csv/.md, config.json and the plot."""
     classes, in_chans, img_size = data.class_names, data.in_chans, data.img_size
     present = [v for v in variants if any(r['variant'] == v for r in runs)]
     models = {}
@@ -485,8 +452,7 @@ def finish(out: str, runs: List[Dict[str, Any]], variants: Sequence[str], grid: 
                                     cfg['speed_rounds'], device).items():
             costs[v]['images_per_s'] = ips
     rows = summarize(runs, present, costs)
-    with open(os.path.join(out, 'config.json'), 'w') as f:
-        json.dump(dict(cfg, grid={v: grid[v] for v in variants}), f, indent=1)
+    experiments.write_json(dict(cfg, grid={v: grid[v] for v in variants}), os.path.join(out, 'config.json'))
     write_tables(out, runs, rows, cfg)
     plot(out, runs, rows, title=f'{cfg["model"]} on {cfg["data"]}: {len(runs)} runs, {cfg["epochs"]} epochs')
     return rows
