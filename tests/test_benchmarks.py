@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 
@@ -88,3 +89,19 @@ def test_gemm_floor_records_every_gemm_and_runs(capsys):
                             '--infer-batch', '2', '--train-batch', '2']) == 0
     out = capsys.readouterr().out
     assert '| inference (batch 2) |' in out and '| training step, forward + backward (batch 2) |' in out
+
+
+@pytest.mark.slow
+def test_dense_cost_script_runs(tmp_path):
+    """benchmarks/dense_cost.py at a tiny setting (no timing is asserted): both detectors train a
+    step, the ratio and the memory figures come out."""
+    out = tmp_path / 'cost.json'
+    p = subprocess.run([sys.executable, os.path.join(BENCH, 'dense_cost.py'), '--sizes', '56', '--batch', '1',
+                        '--rounds', '1', '--warmup', '0', '--threads', '1', '--json', str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(BENCH), 'src')))
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads(out.read_text())['results'][0]
+    assert row['size'] == 56 and row['time_ratio'] > 0
+    assert row['dynamixer_s']['peak_rss_mib'] > 0 and row['resnet50_fpn']['step_growth_mib'] >= 0
+    assert 'load average' in p.stdout
