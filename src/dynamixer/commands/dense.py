@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='an existing digits data folder (`dynamixer detect make-digits`); default: OUT/data, '
                         'written from the --canvas / --digit-size / --train-size / --val-size / --data-seed flags')
     p.add_argument('--canvas', type=Bounded(int, 16), default=48, help='canvas side in pixels (default: 48)')
-    p.add_argument('--digit-size', type=Bounded(int, 8), nargs=2, default=[10, 20], metavar=('MIN', 'MAX'),
-                   help='side of a pasted digit in px (default: 10 20)')
+    p.add_argument('--digit-size', type=Bounded(int, 8), nargs='+', default=[10, 20], metavar='SIZE',
+                   help='side of a pasted digit in px: MIN MAX, or one size (default: 10 20)')
     p.add_argument('--max-digits', type=positive_int, default=3, help='digits per canvas at most (default: 3)')
     p.add_argument('--train-size', type=positive_int, default=1000, help='training canvases (default: 1000)')
     p.add_argument('--val-size', type=positive_int, default=300, help='validation canvases (default: 300)')
@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--lr', type=positive_float, default=1e-3, help='AdamW peak learning rate (default: 1e-3)')
     p.add_argument('--out-channels', type=positive_int, default=64, help='pyramid width (default: 64)')
     p.add_argument('--hflip', type=probability, default=0.0, help='flip probability (default 0: digits)')
-    p.add_argument('--crop-scale', type=Bounded(float, 0, 1, exclusive=True), nargs=2, default=[1.0, 1.0],
-                   metavar=('LOW', 'HIGH'), help='scale jitter + crop area range (default 1 1: off)')
+    p.add_argument('--crop-scale', type=Bounded(float, 0, 1, exclusive=True), nargs='+', default=[1.0, 1.0],
+                   metavar='X', help='scale jitter + crop area range (default 1 1: off)')
     p.add_argument('--pretrained-file', default=None,
                    help='classification checkpoint every trunk starts from (each of --backbones must fit it)')
     p.add_argument('--out', default='dense_results', help='results folder (default: dense_results)')
@@ -158,6 +158,10 @@ def _tables(out: str, records: List[Dict[str, Any]], order: List[str], header: s
 
 def run(args: argparse.Namespace) -> int:
     # everything that can be wrong with the flags is refused before any data is made
+    if len(args.digit_size) > 2 or len(args.crop_scale) > 2:
+        raise DenseError('--digit-size and --crop-scale take one or two values (LOW HIGH)')
+    args.digit_size = [args.digit_size[0], args.digit_size[-1]]
+    args.crop_scale = [args.crop_scale[0], args.crop_scale[-1]]
     if args.digit_size[0] > args.digit_size[1] or args.digit_size[1] > args.canvas:
         raise DenseError(f'--digit-size takes MIN MAX with MIN <= MAX <= --canvas ({args.canvas}); got '
                          f'{args.digit_size}')

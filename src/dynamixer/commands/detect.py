@@ -70,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument('--train-size', type=positive_int, default=600, help='training canvases (default: 600)')
     m.add_argument('--val-size', type=positive_int, default=200, help='validation canvases (default: 200)')
     m.add_argument('--canvas', type=Bounded(int, 16), default=64, help='canvas side in pixels (default: 64)')
-    m.add_argument('--digit-size', type=Bounded(int, 8), nargs=2, default=[12, 28], metavar=('MIN', 'MAX'),
-                   help='side of a pasted digit (default: 12 28)')
+    m.add_argument('--digit-size', type=Bounded(int, 8), nargs='+', default=[12, 28], metavar='SIZE',
+                   help='side of a pasted digit: MIN MAX, or one size (default: 12 28)')
     m.add_argument('--max-digits', type=positive_int, default=4, help='at most this many per canvas (default: 4)')
     m.add_argument('--seed', type=non_negative_int, default=0, help='data seed (default: 0)')
 
@@ -153,6 +153,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _make_digits(args: argparse.Namespace) -> int:
+    if len(args.digit_size) > 2:
+        raise DataError(f'--digit-size takes MIN MAX or one size; got {args.digit_size}')
+    args.digit_size = [args.digit_size[0], args.digit_size[-1]]
     if args.digit_size[0] > args.digit_size[1] or args.digit_size[1] > args.canvas:
         raise DataError(f'--digit-size {args.digit_size} must be MIN <= MAX <= --canvas {args.canvas}')
     written = write_digits_coco(args.out, args.train_size, args.val_size, args.canvas, seed=args.seed,
