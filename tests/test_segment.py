@@ -120,3 +120,36 @@ def test_wrong_classes_and_checkpoints_exit_2(run, digits_coco, tmp_path):
     assert rc == 2 and 'not a `dynamixer segment train` checkpoint' in err
     rc, _, err = cli('segment', 'train', digits_coco / 'train' / 'images', *FLAGS)
     assert rc == 2 and '--val-masks' in err
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_auto_is_bit_exact(digits_coco, tmp_path):
+    """A training process killed (SIGKILL) once its first checkpoint is written, then continued
+    with --resume auto: the same weights as a run that was never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
+    env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS='1')
+    argv = [sys.executable, '-m', 'dynamixer', 'segment', 'train', *map(str, data_args(digits_coco)),
+            '--epochs', '3', *FLAGS, '--crop-scale', '0.6', '1']
+    assert main(['segment', 'train', *map(str, data_args(digits_coco)), '--epochs', '3', *FLAGS,
+                 '--crop-scale', '0.6', '1', '--output', str(tmp_path / 'straight')]) == 0
+    run = tmp_path / 'killed'
+    p = subprocess.Popen(argv + ['--output', str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (run / 'last.pth').exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    epoch = read_checkpoint(run / 'last.pth')['epoch']
+    assert 1 <= epoch <= 3
+    r = subprocess.run(argv + ['--output', str(run), '--resume', 'auto'], env=env, capture_output=True, text=True,
+                       timeout=600)
+    if epoch < 3:
+        assert r.returncode == 0, r.stderr[-2000:]
+    a = read_checkpoint(tmp_path / 'straight' / 'last.pth')['state_dict']
+    b = read_checkpoint(run / 'last.pth')['state_dict']
+    assert all(torch.equal(a[k], b[k]) for k in a)
