@@ -25,6 +25,8 @@ from .evaluation import detections_to_coco
 
 __all__ = ['list_images', 'PredictionReport', 'predict_detection', 'predict_segmentation']
 
+DRAW_MIN_SIDE = 256   # drawn pictures are enlarged to at least this many pixels a side
+
 
 def list_images(inputs: Sequence[str]) -> List[str]:
     """Image files named directly, and the images (.png .jpg .jpeg) in named folders (sorted);
@@ -83,7 +85,8 @@ def predict_detection(model: nn.Module, paths: Sequence[str], out: str, class_na
                       draw: bool = True) -> PredictionReport:
     """Detections with score >= `score` on each image: OUT/predictions.json (a COCO results list;
     image_id numbers the images from 1 in order, 'file_name' names them) and, with `draw`,
-    OUT/NAME.png with the boxes (and masks) drawn and labelled."""
+    OUT/NAME.png with the boxes (and masks) drawn and labelled (images smaller than DRAW_MIN_SIDE
+    enlarged by an integer factor first)."""
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks   # torchvision: 'dense' extra
     os.makedirs(out, exist_ok=True)
     report, results, used = PredictionReport(), [], set()
@@ -99,11 +102,15 @@ def predict_detection(model: nn.Module, paths: Sequence[str], out: str, class_na
             results.append(dict(r, file_name=os.path.abspath(path)))
         report.count += 1
         if draw:
-            canvas = img
+            # small images are drawn enlarged (nearest neighbour) so that the labels can be read
+            k = max(1, -(-DRAW_MIN_SIDE // min(img.shape[-2:])))
+            canvas = img.repeat_interleave(k, -2).repeat_interleave(k, -1)
             if 'masks' in pred and len(pred['masks']):
-                canvas = draw_segmentation_masks(canvas, pred['masks'][:, 0] > 0.5, alpha=0.45)
+                masks = pred['masks'][:, 0] > 0.5
+                canvas = draw_segmentation_masks(canvas, masks.repeat_interleave(k, -2).repeat_interleave(k, -1),
+                                                 alpha=0.45)
             labels = [f'{class_names[int(lab) - 1]} {float(s):.2f}' for lab, s in zip(pred['labels'], pred['scores'])]
-            canvas = draw_bounding_boxes(canvas, pred['boxes'], labels=labels, colors='yellow', width=1)
+            canvas = draw_bounding_boxes(canvas, pred['boxes'] * k, labels=labels, colors='yellow', width=1)
             target = _out_name(path, out, used)
             _save_png(canvas.permute(1, 2, 0).numpy(), target)
             report.written.append(target)
