@@ -220,3 +220,24 @@ def test_torchrun_two_processes(digits_coco, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert '2 process(es) on cpu, batch 4 = 2 x 1 x 2' in p.stderr
     assert json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())[0]['AP'] >= 0
+
+
+def test_pretrained_classification_checkpoint_starts_the_trunk(digits_coco, tmp_path):
+    """--pretrained-file: a classification checkpoint trained at 64x64 starts a 32x32 detector's
+    trunk (resampled); its classifier is dropped."""
+    import timm
+    from dynamixer.dense.tasks import build_dense_model
+    torch.manual_seed(1)
+    clf = timm.create_model('dynamixer_nano', img_size=64, num_classes=7)
+    torch.save(dict(state_dict=clf.state_dict(), config=dict(model='dynamixer_nano')), tmp_path / 'clf.pth')
+    rc, out, err = cli('detect', 'train', *data_args(digits_coco), '--epochs', '1', '--pretrained-file',
+                       tmp_path / 'clf.pth', '--output', tmp_path / 'r', '--print-config', *FLAGS)
+    settings = yaml.safe_load(out)
+    assert rc == 0 and settings['pretrained_file'] == str(tmp_path / 'clf.pth')
+    det = build_dense_model(settings, 11)
+    trunk = det.backbone.body.state_dict()
+    stem = [k for k in trunk if 'stem' in k and k.endswith('weight')][0]
+    assert torch.equal(trunk[stem], clf.state_dict()[stem.replace('model.', '', 1)])
+    rc, _, err = cli('detect', 'train', *data_args(digits_coco), '--epochs', '1', '--pretrained-file',
+                     tmp_path / 'missing.pth', '--output', tmp_path / 'r2', *FLAGS)
+    assert rc == 2 and 'missing.pth' in err

@@ -492,6 +492,8 @@ def settings_from_args(task: str, args: argparse.Namespace, data: Optional[Dict[
     PATH|auto and the settings) and its data paths (`data`: None or empty on a resume that keeps
     its data). Paths are made absolute."""
     overrides = settings_overrides(args, task)
+    if overrides.get('pretrained_file'):   # absolute, so that a resume from elsewhere finds it
+        overrides['pretrained_file'] = os.path.abspath(overrides['pretrained_file'])
     data = {k: os.path.abspath(v) for k, v in (data or {}).items() if v}
     resume = args.resume
     if resume == 'auto':   # the run folder's last.pth when there is one, else a fresh start
