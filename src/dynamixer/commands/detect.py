@@ -109,9 +109,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         result = train_dense(settings, resume=resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        last = os.path.join(settings['output'] or '', 'last.pth')
-        hint = (f'continue with: dynamixer detect train --resume {last}' if settings['output'] and os.path.exists(last)
-                else 'no epoch was completed')
+        last = os.path.join(settings['output'], 'last.pth')
+        hint = f'continue with: dynamixer detect train --resume {last}' if os.path.exists(last) else \
+            'no epoch was completed'
         raise KeyboardInterrupt(hint) from None
     if result['rank'] == 0:
         m = result['history'][-1]

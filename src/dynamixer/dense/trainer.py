@@ -198,9 +198,9 @@ def build_datasets(settings: Dict[str, Any], classes: Optional[Tuple[List[str], 
         masks = settings['detector'] == 'maskrcnn'
         tr = CocoDetection(d['train'], d.get('train_images'), masks=masks, category_ids=ids,
                            class_names=names) if train else None
-        ref = tr if tr is not None else None
+        # the validation file must have the training file's classes (or the checkpoint's)
         val = CocoDetection(d['val'], d.get('val_images'), masks=masks,
-                            category_ids=ref.category_ids if ref else ids, class_names=ref.class_names if ref else names)
+                            category_ids=tr.category_ids if tr else ids, class_names=tr.class_names if tr else names)
         return tr, val, val.class_names, val.category_ids
     names = names or read_class_names(d['classes'])
     tr = MaskFolder(d['train_images'], d['train_masks'], names, settings['ignore_index']) if train else None
@@ -273,9 +273,8 @@ def load_dense_checkpoint(path: str, task: str, device: torch.device = torch.dev
                               '`dynamixer validate` / `predict`, and to --pretrained-file of a dense run)')
     settings = ckpt.get('config') or {}
     if settings.get('task') != task:
-        other = {'detect': 'detect', 'segment': 'segment'}.get(settings.get('task'), '?')
         raise CheckpointError(f'{path} is a {settings.get("task")} checkpoint, not a {task} one; use '
-                              f'`dynamixer {other} ...` with it')
+                              f'`dynamixer {settings.get("task")} ...` with it')
     names = list(ckpt.get('class_names') or [])
     model = build_dense_model(settings, len(names) + (1 if task == 'detect' else 0), pretrained=False)
     try:
@@ -514,4 +513,6 @@ def settings_from_args(task: str, args: argparse.Namespace, data: Optional[Dict[
         return settings, resume
     settings = resolve_settings(task, args.config, overrides)
     settings['data'] = data
+    if not args.print_config:   # the folder is chosen now, so that Ctrl-C can name its checkpoint
+        settings['output'] = run_folder(settings)
     return settings, None
