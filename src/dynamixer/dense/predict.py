@@ -110,7 +110,8 @@ def predict_detection(model: nn.Module, paths: Sequence[str], out: str, class_na
                 canvas = draw_segmentation_masks(canvas, masks.repeat_interleave(k, -2).repeat_interleave(k, -1),
                                                  alpha=0.45)
             labels = [f'{class_names[int(lab) - 1]} {float(s):.2f}' for lab, s in zip(pred['labels'], pred['scores'])]
-            canvas = draw_bounding_boxes(canvas, pred['boxes'] * k, labels=labels, colors='yellow', width=1)
+            if labels:   # (torchvision warns on an empty set of boxes)
+                canvas = draw_bounding_boxes(canvas, pred['boxes'] * k, labels=labels, colors='yellow', width=1)
             target = _out_name(path, out, used)
             _save_png(canvas.permute(1, 2, 0).numpy(), target)
             report.written.append(target)
