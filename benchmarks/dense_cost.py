@@ -158,7 +158,8 @@ def main() -> None:
             proc.start()
             mem = q.get()
             proc.join()
-            row[name] = dict(median_s=statistics.median(times[name]), rounds_s=[round(t, 4) for t in times[name]], **mem)
+            row[name] = dict(median_s=statistics.median(times[name]), rounds_s=[round(t, 4) for t in times[name]],
+                             **mem)
         row['time_ratio'] = row['dynamixer_s']['median_s'] / row['resnet50_fpn']['median_s']
         results.append(row)
         d, r = row['dynamixer_s'], row['resnet50_fpn']

@@ -251,7 +251,7 @@ def test_dense_command_tiny_end_to_end(tmp_path, capsys):
     assert '| maskrcnn | dynamixer_nano | fpn |' in table and '±' in table
     assert (tmp_path / 'data' / 'train' / 'annotations.json').is_file()
     for r in rows:   # each run is an ordinary run folder of `detect train` / `segment train`
-        assert os.path.isfile(os.path.join(r['run'], 'last.pth')) and os.path.isfile(os.path.join(r['run'], 'curves.png'))
+        assert all(os.path.isfile(os.path.join(r['run'], f)) for f in ('last.pth', 'curves.png'))
     capsys.readouterr()
     assert main(flags) == 0
     assert capsys.readouterr().out.count('reusing') == 3

@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -114,7 +114,8 @@ def test_wrong_classes_and_checkpoints_exit_2(run, digits_coco, tmp_path):
     ck = read_checkpoint(run / 'last.pth')
     ck['config'] = dict(ck['config'], task='detect')
     torch.save(ck, tmp_path / 'det.pth')
-    rc, _, err = cli('segment', 'predict', tmp_path / 'det.pth', digits_coco / 'val' / 'images', '--out', tmp_path / 'o')
+    rc, _, err = cli('segment', 'predict', tmp_path / 'det.pth', digits_coco / 'val' / 'images',
+                     '--out', tmp_path / 'o')
     assert rc == 2 and 'is a detect checkpoint' in err
     rc, _, err = cli('segment', 'train', '--resume', tmp_path / 'det.pth', *FLAGS)
     assert rc == 2 and 'not a `dynamixer segment train` checkpoint' in err

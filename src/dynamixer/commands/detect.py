@@ -115,7 +115,8 @@ def _train(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(hint) from None
     if result['rank'] == 0:
         m = result['history'][-1]
-        print(f"box AP {m['AP']:.2f} (AP50 {m['AP50']:.2f})" + (f", mask AP {m['mask_AP']:.2f}" if 'mask_AP' in m else '')
+        masks = f", mask AP {m['mask_AP']:.2f}" if 'mask_AP' in m else ''
+        print(f"box AP {m['AP']:.2f} (AP50 {m['AP50']:.2f})" + masks
               + f" after {m['epoch']} epochs ({result['seconds']:.0f} s); run folder: {result['output']}")
     return 0
 

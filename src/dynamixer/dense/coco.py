@@ -276,7 +276,8 @@ class CocoDetection(torch.utils.data.Dataset):
         """One line: what was read, and every adjustment made (see the module docstring)."""
         r = self.report
         notes = [f'{r[k]} {text}' for k, text in (
-            ('negatives', 'images without objects (kept as negatives)'), ('crowd', 'crowd annotations (not trained on)'),
+            ('negatives', 'images without objects (kept as negatives)'),
+            ('crowd', 'crowd annotations (not trained on)'),
             ('clipped', 'boxes clipped to their image'), ('empty_boxes', 'empty boxes left out')) if r[k]]
         return (f'{self.annotation_file}: {r["images"]} images, {r["annotations"]} objects of '
                 f'{len(self.class_names)} classes' + (f'; {", ".join(notes)}' if notes else ''))

@@ -133,7 +133,8 @@ def _coerce(key: str, value: Any, kind: str, source: str) -> Any:
             raise bad('true or false')
         items = []
     elif base in ('int', 'float'):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (base == 'int' and not float(value).is_integer()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (base == 'int' and not float(value).is_integer()):
             raise bad('an integer' if base == 'int' else 'a number')
         value = int(value) if base == 'int' else float(value)
         items = [value]
@@ -170,7 +171,8 @@ def resolve_settings(task: str, yaml_file: Optional[str] = None, overrides: Opti
                 continue
             if key not in options:
                 close = difflib.get_close_matches(key, list(options), n=1)
-                raise ConfigError(f"{source}: unknown setting '{key}'." + (f" Did you mean '{close[0]}'?" if close else ''))
+                hint = f" Did you mean '{close[0]}'?" if close else ''
+                raise ConfigError(f"{source}: unknown setting '{key}'.{hint}")
             settings[key] = _coerce(key, value, options[key][1], source)
     if settings['img_size'] is not None and len(settings['img_size']) not in (1, 2):
         raise ConfigError(f"img_size takes H or H W; got {settings['img_size']}")
@@ -291,7 +293,8 @@ def _check_resume(ckpt: Dict[str, Any], settings: Dict[str, Any], path: str) -> 
     was = ckpt.get('config') or {}
     for key in ('task', 'detector', 'model', 'opt'):
         if was.get(key) != settings.get(key):
-            raise CheckpointError(f'{path} was trained with {key} {was.get(key)!r}, this run has {settings.get(key)!r}; '
+            raise CheckpointError(f'{path} was trained with {key} {was.get(key)!r}, this run has '
+                                  f'{settings.get(key)!r}; '
                                   'a resumed run keeps them (leave the flag out, or start a new run)')
     if was.get('data') != settings['data']:
         raise ConfigError(f'{path} was trained on {was.get("data")}, not on {settings["data"]}: a resumed run '
