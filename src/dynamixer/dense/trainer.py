@@ -368,8 +368,7 @@ def train_dense(settings: Dict[str, Any], resume: Optional[str] = None, overwrit
     if detect:
         train_set.transform = detection_train_transform(size, settings['hflip'], settings['crop_scale'])
     else:
-        train_set.transform = segmentation_train_transform(size, settings['hflip'], settings['crop_scale'],
-                                                           settings['ignore_index'])
+        train_set.transform = segmentation_train_transform(size, settings['hflip'], settings['crop_scale'])
 
     # loaders: the global batch split over processes and accumulation steps
     world, accum = process.world, settings['grad_accum']

@@ -27,45 +27,58 @@ def _crop(v2: Any, size: Tuple[int, int], crop_scale: Sequence[float]) -> Any:
     return v2.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3), antialias=True)
 
 
-def detection_train_transform(size: Tuple[int, int], hflip: float = 0.5,
-                              crop_scale: Sequence[float] = (0.5, 1.0)) -> Callable:
-    """(image, target) -> (image (3, *size), target) with boxes (and masks) moved along; boxes
-    smaller than a pixel after the crop are dropped with their labels and masks."""
-    v2, tv = _v2()
-    ops = [v2.RandomHorizontalFlip(hflip)] if hflip > 0 else []
-    ops += [_crop(v2, size, crop_scale), v2.SanitizeBoundingBoxes(min_size=1)]
-    pipeline = v2.Compose(ops)
+class _DetectionTransform:
+    """(image, target) through a v2 pipeline with boxes (and masks) as tv_tensors; plain tensors out.
+    A class rather than a closure, so that DataLoader workers started by 'spawn' can pickle it."""
 
-    def apply(image: torch.Tensor, target: Dict[str, torch.Tensor]):
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+
+    def __call__(self, image: torch.Tensor, target: Dict[str, torch.Tensor]):
+        _, tv = _v2()
         h, w = image.shape[-2:]
         t = dict(target, boxes=tv.BoundingBoxes(target['boxes'], format='XYXY', canvas_size=(h, w)))
         if 'masks' in t:
             t['masks'] = tv.Mask(t['masks'])
-        image, t = pipeline(tv.Image(image), t)
+        image, t = self.pipeline(tv.Image(image), t)
         out = {k: (v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
         return image.as_subclass(torch.Tensor), out
-    return apply
 
 
-def segmentation_train_transform(size: Tuple[int, int], hflip: float = 0.5, crop_scale: Sequence[float] = (0.5, 1.0),
-                                 ignore_index: int = 255) -> Callable:
-    """(image, mask) -> (image (3, *size), mask (*size)); the mask is resized by nearest neighbour."""
-    v2, tv = _v2()
-    ops = [v2.RandomHorizontalFlip(hflip)] if hflip > 0 else []
-    pipeline = v2.Compose(ops + [_crop(v2, size, crop_scale)])
+class _SegmentationTransform:
+    """(image, mask) through a v2 pipeline (`mask_too`: the mask as a tv_tensors.Mask, else kept)."""
 
-    def apply(image: torch.Tensor, mask: torch.Tensor):
-        image, mask = pipeline(tv.Image(image), tv.Mask(mask))
+    def __init__(self, pipeline: Any, mask_too: bool = True):
+        self.pipeline, self.mask_too = pipeline, mask_too
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor):
+        _, tv = _v2()
+        if not self.mask_too:
+            return self.pipeline(tv.Image(image)).as_subclass(torch.Tensor), mask
+        image, mask = self.pipeline(tv.Image(image), tv.Mask(mask))
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-    return apply
+
+
+def detection_train_transform(size: Tuple[int, int], hflip: float = 0.5,
+                              crop_scale: Sequence[float] = (0.5, 1.0)) -> Callable:
+    """(image, target) -> (image (3, *size), target) with boxes (and masks) moved along; boxes
+    smaller than a pixel after the crop are dropped with their labels and masks."""
+    v2, _ = _v2()
+    ops = [v2.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    ops += [_crop(v2, size, crop_scale), v2.SanitizeBoundingBoxes(min_size=1)]
+    return _DetectionTransform(v2.Compose(ops))
+
+
+def segmentation_train_transform(size: Tuple[int, int], hflip: float = 0.5,
+                                 crop_scale: Sequence[float] = (0.5, 1.0)) -> Callable:
+    """(image, mask) -> (image (3, *size), mask (*size)); the mask is resized by nearest neighbour."""
+    v2, _ = _v2()
+    ops = [v2.RandomHorizontalFlip(hflip)] if hflip > 0 else []
+    return _SegmentationTransform(v2.Compose(ops + [_crop(v2, size, crop_scale)]))
 
 
 def segmentation_eval_transform(size: Tuple[int, int]) -> Callable:
     """(image, mask) -> (image resized to `size`, mask unchanged): scores are taken at the
     label's own resolution (the logits are resized back)."""
-    v2, tv = _v2()
-    resize = v2.Resize(size, antialias=True)
-
-    def apply(image: torch.Tensor, mask: torch.Tensor):
-        return resize(tv.Image(image)).as_subclass(torch.Tensor), mask
-    return apply
+    v2, _ = _v2()
+    return _SegmentationTransform(v2.Resize(size, antialias=True), mask_too=False)
