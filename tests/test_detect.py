@@ -255,3 +255,19 @@ def test_ctrl_c_names_the_checkpoint_to_resume(digits_coco, tmp_path, monkeypatc
     rc, _, err = cli('detect', 'train', *data_args(digits_coco), *FLAGS)   # default run folder
     last = tmp_path / 'runs' / 'detect-retinanet-dynamixer_nano' / 'last.pth'
     assert rc == 130 and f'dynamixer detect train --resume {last}' in err and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('text, message', [('lrr: 0.1\n', "unknown setting 'lrr'. Did you mean 'lr'?"),
+                                           ('lr: -1\n', 'lr must be a number > 0'),
+                                           ('detector: yolo\n', 'detector must be one of'),
+                                           ('crop_scale: [0.9, 0.5]\n', 'crop_scale is a range'),
+                                           ('epochs: [1]\n', 'epochs must be an integer')])
+def test_settings_files_are_checked(digits_coco, tmp_path, text, message):
+    (tmp_path / 's.yaml').write_text(text)
+    rc, _, err = cli('detect', 'train', *data_args(digits_coco), '--config', tmp_path / 's.yaml', '--print-config')
+    assert rc == 2 and message in err, err
+    assert 'crop_scale' in message or str(tmp_path / 's.yaml') in err   # a range is checked after merging
+    (tmp_path / 'ok.yaml').write_text('epochs: 3\ndetector: maskrcnn\n')
+    rc, out, _ = cli('detect', 'train', *data_args(digits_coco), '--config', tmp_path / 'ok.yaml', '--epochs', '5',
+                     '--print-config')
+    assert rc == 0 and yaml.safe_load(out)['epochs'] == 5 and yaml.safe_load(out)['detector'] == 'maskrcnn'
