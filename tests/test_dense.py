@@ -306,12 +306,13 @@ def digits48(tmp_path_factory):
 
 @pytest.mark.slow
 def test_retinanet_and_segmenter_learn_on_digits(digits48, tmp_path):
-    """Two epochs (250 steps) of the documented recipe: both learn well beyond what an untrained
-    model or a background-only segmenter scores (mIoU of all-background is at most 100/11 = 9.1%)."""
+    """The documented recipe, shortened (RetinaNet 2 epochs, the segmenter 4): both learn well beyond
+    what an untrained model or a background-only segmenter scores (mIoU of all-background is at
+    most 100/11 = 9.1%; after 2 epochs the segmenter is at 11-12)."""
     from dynamixer.dense.trainer import train_dense
     det = train_dense(_digits_settings('retinanet', digits48, tmp_path / 'r', epochs=2))['history'][-1]
     assert det['AP50'] > 8 and det['AP'] > 3, det
-    seg = train_dense(_digits_settings('segment', digits48, tmp_path / 's', epochs=2))['history'][-1]
+    seg = train_dense(_digits_settings('segment', digits48, tmp_path / 's', epochs=4))['history'][-1]
     assert seg['mIoU'] > 12, seg
 
 
