@@ -126,3 +126,15 @@ def image_files(workdir):
         im.save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture(scope='session')
+def digits_coco(tmp_path_factory):
+    """The digits detection canvases on disk (dynamixer.dense.write_digits_coco): 16 train and 8
+    val 32x32 canvases, COCO JSON + PNGs + class-index masks + classes.txt. Read-only: tests that
+    change files copy it first (`copy_digits_coco`)."""
+    pytest.importorskip('pycocotools')
+    from dynamixer.dense.digits_coco import write_digits_coco
+    out = tmp_path_factory.mktemp('digits_coco')
+    write_digits_coco(str(out), num_train=16, num_val=8, canvas=32, digit_size=(10, 14), max_digits=2)
+    return out

@@ -184,3 +184,19 @@ def test_resolution_transfer_smoke(tmp_path, capsys):
     text = out.read_text()
     assert '| 24x24 | resampled (default) |' in text and 'baseline: random generators' in text and 'k=1' in text
     assert re.search(r'\| resampled: linear \(default\) \| \d+\.\d \|', text)
+
+
+@pytest.mark.slow
+def test_dense_cost_script_runs(tmp_path):
+    """benchmarks/dense_cost.py at a tiny setting (no timing is asserted): both detectors train a
+    step, the ratio and the memory figures come out."""
+    out = tmp_path / 'cost.json'
+    p = subprocess.run([sys.executable, os.path.join(BENCH, 'dense_cost.py'), '--sizes', '56', '--batch', '1',
+                        '--rounds', '1', '--warmup', '0', '--threads', '1', '--json', str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(BENCH), 'src')))
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads(out.read_text())['results'][0]
+    assert row['size'] == 56 and row['time_ratio'] > 0
+    assert row['dynamixer_s']['peak_rss_mib'] > 0 and row['resnet50_fpn']['step_growth_mib'] >= 0
+    assert 'load average' in p.stdout

@@ -1,6 +1,7 @@
 """Dense prediction: the pyramid backbone with torchvision's detectors, pretrained weights, size
 checks, the segmentation model, the digits detection data set and the `dynamixer dense` command."""
 import csv
+import os
 import sys
 from collections import OrderedDict
 
@@ -12,9 +13,11 @@ torchvision = pytest.importorskip('torchvision')
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet  # noqa: E402
 
 from dynamixer import pyramid_backbone  # noqa: E402
-from dynamixer.cli import build_parser, main  # noqa: E402
-from dynamixer.commands.dense import build_detector, evaluate, train_and_evaluate  # noqa: E402
-from dynamixer.dense import DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets  # noqa: E402
+from dynamixer.cli import main  # noqa: E402
+from dynamixer.dense import (  # noqa: E402
+    DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets)
+from dynamixer.dense import build_detector  # noqa: E402
+from dynamixer.dense.trainer import evaluate_detection  # noqa: E402
 from dynamixer.errors import DynaMixerError, MissingDependencyError  # noqa: E402
 from reference import NANO, make_authors_state_dict  # noqa: E402
 
@@ -162,13 +165,12 @@ def test_timm_trunk_pretrained_file(tmp_path):
         pyramid_backbone('lcnet_050', img_size=32, pretrained_file=tmp_path / 'wider.pth')
 
 
-@pytest.mark.parametrize('module', ['torchvision.ops', 'torchvision.models.detection', 'torchmetrics.detection',
-                                    'torchmetrics.classification'])
-def test_missing_optional_packages_name_the_dense_extra(monkeypatch, module):
+@pytest.mark.parametrize('module', ['torchvision.ops', 'torchvision.models.detection', 'pycocotools.coco'])
+def test_missing_optional_packages_name_the_dense_extra(monkeypatch, module, digits_coco):
+    from dynamixer.dense import CocoDetection
     b = pyramid_backbone('dynamixer_nano', img_size=32, out_channels=8, pyramid='simple')
-    det = build_detector('retinanet', b, 3)
-    seg = segmentation_model('dynamixer_nano', num_classes=3, img_size=32, out_channels=8, pyramid='simple')
-    val = DigitsDetection(2, 'val', 32, digit_size=(8, 12))
+    det = build_detector('retinanet', b, 11)
+    val = CocoDetection(str(digits_coco / 'val' / 'annotations.json'))
     monkeypatch.setitem(sys.modules, module, None)    # as if the package were not installed
     with pytest.raises(MissingDependencyError, match=r'pip install "dynamixer\[dense\]"') as e:
         if module == 'torchvision.ops':
@@ -176,8 +178,7 @@ def test_missing_optional_packages_name_the_dense_extra(monkeypatch, module):
         elif module == 'torchvision.models.detection':
             build_detector('retinanet', b, 3)
         else:
-            evaluate('retinanet' if module == 'torchmetrics.detection' else 'segmentation',
-                     det if module == 'torchmetrics.detection' else seg, val)
+            evaluate_detection(det, val, torch.device('cpu'))
     assert isinstance(e.value, DynaMixerError)
 
 
@@ -234,69 +235,100 @@ def test_validate_targets_rejects_bad_boxes():
 # ------------------------------------------------------------------ the command
 
 def test_dense_command_tiny_end_to_end(tmp_path, capsys):
-    pytest.importorskip('torchmetrics')
+    """The grid over `train_dense` (the detect / segment training loop): data written once, one run
+    folder per job, the tables; run again, every finished record is reused."""
     pytest.importorskip('pycocotools')
-    rc = main(['dense', '--tasks', 'retinanet', 'maskrcnn', 'segmentation', '--backbones', 'dynamixer_nano',
-               '--canvas', '32', '--digit-size', '8', '14', '--train-size', '8', '--val-size', '4',
-               '--batch-size', '4', '--steps', '2', '--seeds', '0', '--out-channels', '16',
-               '--show', '2', '--out', str(tmp_path)])
-    assert rc == 0
+    flags = ['dense', '--tasks', 'retinanet', 'maskrcnn', 'segmentation', '--backbones', 'dynamixer_nano',
+             '--canvas', '32', '--digit-size', '8', '14', '--train-size', '8', '--val-size', '4',
+             '--batch-size', '4', '--epochs', '1', '--warmup-epochs', '0', '--seeds', '0', '--out-channels', '16',
+             '--out', str(tmp_path)]
+    assert main(flags) == 0
     rows = list(csv.DictReader(open(tmp_path / 'dense_runs.csv')))
     assert [r['task'] for r in rows] == ['retinanet', 'maskrcnn', 'segmentation']
-    assert all(0 <= float(r['mAP']) <= 100 for r in rows[:2]) and float(rows[1]['mask_mAP']) >= 0
-    assert 0 <= float(rows[2]['mIoU']) <= 100
+    assert all(0 <= float(r['AP']) <= 100 for r in rows[:2]) and float(rows[1]['mask_AP']) >= 0
+    assert 0 <= float(rows[2]['mIoU']) <= 100 and float(rows[2]['pixel_acc']) > 0
     table = (tmp_path / 'dense_table.md').read_text()
     assert '| maskrcnn | dynamixer_nano | fpn |' in table and '±' in table
-    assert (tmp_path / 'dense_predictions.png').stat().st_size > 1000
+    assert (tmp_path / 'data' / 'train' / 'annotations.json').is_file()
+    for r in rows:   # each run is an ordinary run folder of `detect train` / `segment train`
+        assert all(os.path.isfile(os.path.join(r['run'], f)) for f in ('last.pth', 'curves.png'))
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert capsys.readouterr().out.count('reusing') == 3
 
 
 def test_dense_command_bad_flags_are_refused_before_training(tmp_path, capsys):
     out = tmp_path / 'out'
-    for flags in (['--steps', '0'], ['--jobs', '0'], ['--lr', '0'], ['--canvas', '4'], ['--seeds', '-1']):
+    for flags in (['--epochs', '0'], ['--jobs', '0'], ['--lr', '0'], ['--canvas', '4'], ['--seeds', '-1']):
         with pytest.raises(SystemExit) as e:     # argparse refuses the value (argtypes.Bounded)
             main(['dense', '--out', str(out)] + flags)
         assert e.value.code == 2 and flags[0] in capsys.readouterr().err
     file = tmp_path / 'a_file'
     file.write_text('x')
-    for flags, message in ((['--steps', '5', '--warmup', '9'], '--warmup must be at most --steps (5)'),
-                           (['--canvas', '32', '32', '32'], '--canvas takes H or H W'),
-                           (['--digit-size', '20', '10'], 'smallest <= largest'),
-                           (['--canvas', '16', '--digit-size', '10', '20'], 'does not fit the 16-px canvas'),
+    for flags, message in ((['--epochs', '2', '--warmup-epochs', '3'], '--warmup-epochs must be at most --epochs (2)'),
+                           (['--digit-size', '20', '10'], 'MIN <= MAX'),
+                           (['--canvas', '16', '--digit-size', '10', '20'], '<= --canvas (16)'),
                            (['--train-size', '4', '--batch-size', '8'], 'at least --batch-size'),
                            (['--pretrained-file', str(tmp_path / 'missing.pth')], 'not found'),
+                           (['--data', str(tmp_path)], 'no train/annotations.json'),
                            (['--out', str(file)], 'is a file')):
         args = ['dense', '--out', str(out)] + flags
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith('error: ') and message in err and 'Traceback' not in err, err
     assert not out.exists()
-    with pytest.raises(DenseError, match='--warmup must'):   # a DynaMixerError (cli.main prints it)
-        from dynamixer.commands.dense import run
-        run(build_parser().parse_args(['dense', '--steps', '5', '--warmup', '9']))
 
 
 # ------------------------------------------------------------------ learning (slow)
 
+def _digits_settings(task, data, out, **kw):
+    from dynamixer.dense.trainer import resolve_settings
+    overrides = dict(img_size=[48], batch_size=8, threads=1, workers=0, progress=False, hflip=0.0,
+                     crop_scale=[1.0, 1.0], output=str(out), **kw)
+    if task == 'segment':
+        s = resolve_settings('segment', overrides=overrides)
+        s['data'] = dict(train_images=str(data / 'train' / 'images'), train_masks=str(data / 'train' / 'masks'),
+                         classes=str(data / 'classes.txt'), val_images=str(data / 'val' / 'images'),
+                         val_masks=str(data / 'val' / 'masks'))
+    else:
+        s = resolve_settings('detect', overrides=dict(overrides, detector=task))
+        s['data'] = dict(train=str(data / 'train' / 'annotations.json'), val=str(data / 'val' / 'annotations.json'))
+    return s
+
+
+@pytest.fixture(scope='module')
+def digits48(tmp_path_factory):
+    from dynamixer.dense import write_digits_coco
+    out = tmp_path_factory.mktemp('digits48')
+    write_digits_coco(str(out), num_train=1000, num_val=100, canvas=48, digit_size=(10, 20), max_digits=3)
+    return out
+
+
 @pytest.mark.slow
-def test_retinanet_and_segmenter_learn_on_digits():
-    """A short run of the documented recipe: both learn well beyond what an untrained model or a
-    background-only segmenter scores (mIoU of all-background is at most 100/11 = 9.1%)."""
-    train = DigitsDetection(1000, 'train', 48, seed=0)
-    val = DigitsDetection(100, 'val', 48, seed=0)
-    det = train_and_evaluate('retinanet', 'dynamixer_nano', 'fpn', 0, train, val, steps=250, batch_size=8)
-    assert det['mAP50'] > 8 and det['mAP'] > 3, det
-    seg = train_and_evaluate('segmentation', 'dynamixer_nano', 'fpn', 0, train, val, steps=250, batch_size=8)
+def test_retinanet_and_segmenter_learn_on_digits(digits48, tmp_path):
+    """The documented recipe, shortened (RetinaNet 2 epochs, the segmenter 4): both learn well beyond
+    what an untrained model or a background-only segmenter scores (mIoU of all-background is at
+    most 100/11 = 9.1%; after 2 epochs the segmenter is at 11-12)."""
+    from dynamixer.dense.trainer import train_dense
+    det = train_dense(_digits_settings('retinanet', digits48, tmp_path / 'r', epochs=2))['history'][-1]
+    assert det['AP50'] > 8 and det['AP'] > 3, det
+    seg = train_dense(_digits_settings('segment', digits48, tmp_path / 's', epochs=4))['history'][-1]
     assert seg['mIoU'] > 12, seg
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['fasterrcnn', 'maskrcnn'])
-def test_two_stage_detectors_train_on_digits(kind, capsys):
-    """FasterRCNN and MaskRCNN: the loss falls over 60 steps and evaluation scores boxes (and masks)."""
-    train = DigitsDetection(200, 'train', 48, seed=0)
-    val = DigitsDetection(20, 'val', 48, seed=0)
-    row = train_and_evaluate(kind, 'dynamixer_nano', 'fpn', 0, train, val, steps=60, batch_size=8, log_every=1)
-    losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines() if 'loss' in line]
-    assert len(losses) == 60
+def test_two_stage_detectors_train_on_digits(kind, digits48, tmp_path):
+    """FasterRCNN and MaskRCNN: the loss falls over one epoch (125 steps) and evaluation scores
+    boxes (and masks)."""
+    from dynamixer.dense.trainer import train_dense
+    losses = []
+
+    def record(loss, step):
+        losses.append(float(loss))
+        return loss
+    r = train_dense(_digits_settings(kind, digits48, tmp_path / kind, epochs=1), hooks=dict(loss=record))
+    assert len(losses) == 125
     assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
-    assert 0 <= row['mAP'] <= 100 and (kind == 'fasterrcnn' or 0 <= row['mask_mAP'] <= 100)
+    row = r['history'][-1]
+    assert 0 <= row['AP'] <= 100 and (kind == 'fasterrcnn' or 0 <= row['mask_AP'] <= 100)

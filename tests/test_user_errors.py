@@ -142,12 +142,20 @@ def _commands_reading(ckpt, work, image):
         'train-teacher': ['train', '--kd-checkpoint', ckpt, '--epochs', '1', '--output', work / 'runs' / 'kd'],
         'push-to-hub': ['push-to-hub', ckpt, 'user/repo', '--local-dir', work / 'hub'],
         'show-mixing': ['show-mixing', ckpt, image, '--out', work / 'out' / 'mixing.png'],
+        'detect-validate': ['detect', 'validate', ckpt, work / 'none.json'],
+        'detect-predict': ['detect', 'predict', ckpt, image, '--out', work / 'out' / 'det'],
+        'detect-resume': ['detect', 'train', '--resume', ckpt, '--output', work / 'runs' / 'resumed'],
+        'segment-validate': ['segment', 'validate', ckpt, work, work],
+        'segment-predict': ['segment', 'predict', ckpt, image, '--out', work / 'out' / 'seg'],
+        'segment-resume': ['segment', 'train', '--resume', ckpt, '--output', work / 'runs' / 'resumed'],
     }
 
 
 @pytest.mark.parametrize('kind', DAMAGE)
 @pytest.mark.parametrize('command', ['export', 'export-onnx', 'predict', 'validate', 'train-resume',
-                                     'train-pretrained', 'train-teacher', 'push-to-hub', 'show-mixing'])
+                                     'train-pretrained', 'train-teacher', 'push-to-hub', 'show-mixing', 'detect-validate',
+                                     'detect-predict', 'detect-resume', 'segment-validate', 'segment-predict',
+                                     'segment-resume'])
 def test_every_command_refuses_every_damaged_checkpoint(work, damaged, image, command, kind):
     argv = _commands_reading(damaged[kind], work, image)[command]
     assert_user_error(run_cli(*argv))
@@ -208,7 +216,11 @@ def _numeric_options():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     found = []
-    for name, p in sub.choices.items():
+    parsers = list(sub.choices.items())
+    for name, p in parsers:   # commands with sub-commands (detect train, ...): 'detect train'
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        parsers += [(f'{name} {n}', q) for a in nested for n, q in a.choices.items()]
+    for name, p in parsers:
         for action in p._actions:
             if not action.option_strings or action.type is None:
                 continue
@@ -230,7 +242,7 @@ def test_numeric_flags_below_their_range_are_refused(command, option, kind):
     if getattr(kind, 'exclusive', False):
         low = kind.minimum
     nargs_extra = []
-    rc, out, err = run_cli(command, *_positional(command), option, str(low), *nargs_extra)
+    rc, out, err = run_cli(*command.split(), *_positional(command), option, str(low), *nargs_extra)
     assert rc == 2 and 'Traceback' not in err, err
     assert option in err and str(low) in err, err
 

@@ -35,6 +35,10 @@ COMMANDS = {
                                          'runtime, precision and batch size'),
     'dense': ('dynamixer.commands.dense', 'train and evaluate detectors (torchvision) and a segmenter on '
                                          'the digits detection task, DynaMixer vs timm backbones'),
+    'detect': ('dynamixer.commands.detect', 'object detection / instance segmentation on COCO-format data: '
+                                            'train, validate, predict, make-digits'),
+    'segment': ('dynamixer.commands.segment', 'semantic segmentation on images + class-index masks: '
+                                              'train, validate, predict'),
     'show-mixing': ('dynamixer.commands.show_mixing', 'draw the mixing matrices a trained model generates '
                                              'for given images'),
 }

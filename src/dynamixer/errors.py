@@ -14,7 +14,7 @@ exception of its kind (a bad value is a ValueError, a missing file a FileNotFoun
 - `files.CheckpointError` (ValueError; `CheckpointNotFoundError` also a MissingFileError),
   `files.OutputError` (OSError: an output path that cannot be written)
 - `recipes.ConfigError` (ValueError), `data.DataError` (ValueError), `engine.DeviceError`,
-  `engine.NonFiniteLoss`, `train.TrainingError` and `train.RunFolderError`, `export.ExportError`,
+  `engine.NonFiniteLoss`, `train.TrainingError`, `runs.RunFolderError`, `export.ExportError`,
   `hub.HubError`
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -48,8 +48,15 @@ class RunLog:
               'ema_loss', 'ema_top1', 'ema_top5', 'images_per_s', 'epoch_s']
 
     def __init__(self, output: str, config: Dict[str, Any], enabled: bool = True, tensorboard: bool = False,
-                 history: Optional[List[Dict[str, Any]]] = None):
+                 history: Optional[List[Dict[str, Any]]] = None, fields: Optional[Sequence[str]] = None,
+                 summary: Optional[Callable[[Dict[str, Any]], str]] = None,
+                 plot: Optional[Callable[[List[Dict[str, Any]], str], None]] = None):
+        """`fields` (metrics.csv columns, in order), `summary` (metrics -> the epoch's log line) and
+        `plot` (history, path -> curves.png) default to classification's; other tasks pass theirs."""
         self.output = output
+        self.fields = list(fields or self.FIELDS)
+        self.summary = summary or _classification_summary
+        self.plot = plot or plot_history
         self.enabled = enabled
         self.history: List[Dict[str, Any]] = list(history or [])
         self.writer = None
@@ -94,12 +101,7 @@ class RunLog:
         if not self.enabled:
             return
         m = metrics
-        line = (f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f}  val loss {m['val_loss']:.4f}  "
-                f"top-1 {m['val_top1']:6.2f}%  top-5 {m['val_top5']:6.2f}%")
-        if 'ema_top1' in m:
-            line += f"  EMA top-1 {m['ema_top1']:6.2f}%"
-        line += f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  {m['epoch_s']:.1f} s"
-        _logger.info(line)
+        _logger.info(self.summary(m))
         self._write_tables()
         if self.writer is not None:
             for k, v in m.items():
@@ -108,7 +110,7 @@ class RunLog:
             self.writer.flush()
 
     def _write_tables(self) -> None:
-        fields = [f for f in self.FIELDS if any(f in h for h in self.history)]
+        fields = [f for f in self.fields if any(f in h for h in self.history)]
         lines = [','.join(fields)]
         for h in self.history:
             lines.append(','.join('' if h.get(f) is None else f'{h[f]:.6g}' if isinstance(h[f], float) else str(h[f])
@@ -120,9 +122,17 @@ class RunLog:
         if not self.enabled:
             return
         if self.history:
-            plot_history(self.history, os.path.join(self.output, 'curves.png'))
+            self.plot(self.history, os.path.join(self.output, 'curves.png'))
         if self.writer is not None:
             self.writer.close()
+
+
+def _classification_summary(m: Dict[str, Any]) -> str:
+    line = (f"epoch {m['epoch']:>3}  train loss {m['train_loss']:.4f}  val loss {m['val_loss']:.4f}  "
+            f"top-1 {m['val_top1']:6.2f}%  top-5 {m['val_top5']:6.2f}%")
+    if 'ema_top1' in m:
+        line += f"  EMA top-1 {m['ema_top1']:6.2f}%"
+    return line + f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  {m['epoch_s']:.1f} s"
 
 
 def plot_history(history: List[Dict[str, Any]], path: str) -> None:

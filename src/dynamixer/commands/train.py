@@ -38,7 +38,6 @@ from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationTask, TrainingTask
 from timm.utils import ModelEmaV3, NativeScaler
 
-from .. import __version__
 from ..data import DataError, build_datasets, build_transforms
 from ..distill import Teacher, build_teacher, distillation_task, input_normalisation, teacher_digest
 from ..engine import (
@@ -46,37 +45,32 @@ from ..engine import (
     Process,
     evaluate,
     resolve_amp,
-    rng_state,
     seed_epoch,
-    set_rng_state,
     setup_process,
     train_one_epoch,
     worker_init,
 )
-from ..errors import DynaMixerError
-from ..files import CheckpointError, check_output_folder, read_checkpoint
+from ..files import CheckpointError, read_checkpoint
 from ..layout import unwrap_state_dict
 from ..model import checkpoint_filter_fn
 from ..recipes import RECIPES, ConfigError, add_config_arguments, config_overrides, resolve_config
-from ..runlog import RunLog, atomic_torch_save, save_safetensors
+from ..runlog import RunLog, save_safetensors
+from ..runs import (
+    RUN_FILES,
+    RunFolderError,
+    TrainingError,
+    holds_run,
+    restore_training_state,
+    run_folder,
+    save_training_state,
+)
+from ..runs import claim_run_folder as _claim_run_folder
+from ..runs import default_output as _default_output
 
 _logger = logging.getLogger('dynamixer.train')
 
 __all__ = ['train', 'TrainingError', 'RunFolderError', 'RUN_FILES', 'holds_run', 'run_folder', 'evaluate',
            'add_arguments', 'run']
-
-# the files that make a folder a run's: a folder holding any of them is not written into unasked
-RUN_FILES = ('last.pth', 'model.safetensors', 'metrics.json', 'metrics.csv')
-# what --overwrite removes before the new run starts (so nothing of the old run is left to mix in)
-_REPLACED_FILES = RUN_FILES + ('config.yaml', 'curves.png', 'bad_images.txt')
-
-
-class TrainingError(DynaMixerError, RuntimeError):
-    """Training cannot go on (a non-finite loss, a resume checkpoint that does not fit)."""
-
-
-class RunFolderError(DynaMixerError, ValueError):
-    """The run folder holds another run, and nothing said to replace it."""
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -232,51 +226,6 @@ def _param_groups(model: nn.Module, weight_decay: float, body_lr_scale: float) -
                                lr_scale=1.0 if is_head else body_lr_scale)
         groups[key]['params'].append(p)
     return [groups[k] for k in sorted(groups)]
-
-
-def run_folder(config: Dict[str, Any], resume: Optional[str] = None) -> str:
-    """Where a run writes, as an absolute path: config['output'], else the resumed checkpoint's
-    folder, else a new runs/<recipe>-<model> folder (numbered when that one holds a run)."""
-    if config.get('output'):
-        return os.path.abspath(config['output'])
-    return os.path.dirname(os.path.abspath(resume)) if resume else _default_output(config)
-
-
-def _default_output(config: Dict[str, Any], create: bool = True) -> str:
-    base = os.path.abspath(os.path.join('runs', f"{config.get('recipe', 'run')}-{config['model']}"))
-    if not create:
-        return base
-    path, n = base, 1
-    while holds_run(path):  # never overwrite a run
-        n += 1
-        path = f'{base}-{n}'
-    return path
-
-
-def holds_run(folder: str) -> List[str]:
-    """The run files (`RUN_FILES`) in `folder`; empty when it holds no run."""
-    return [f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
-
-
-def _claim_run_folder(output: str, resume: Optional[str], overwrite: bool, is_main: bool) -> None:
-    """Refuse a folder that holds another run, unless `overwrite` (its run files are then removed
-    by the main process) or the run resumes a checkpoint in that same folder."""
-    check_output_folder(output, 'run folder')
-    found = holds_run(output)
-    if not found:
-        return
-    if resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(output):
-        return  # continuing the folder's own run
-    if not overwrite:
-        raise RunFolderError(
-            f'{output} holds another run ({", ".join(found)}); it is not replaced without a word. Pass '
-            f'--overwrite to replace it, --resume {os.path.join(output, "last.pth")} to continue it, or '
-            'choose another --output.')
-    if is_main:
-        for name in _REPLACED_FILES:
-            path = os.path.join(output, name)
-            if os.path.isfile(path):
-                os.remove(path)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -440,23 +389,7 @@ def _resume(path: str, config: Dict[str, Any], class_names: List[str], model: nn
     ckpt = read_checkpoint(path)
     _check_resume(ckpt, config, class_names, path)
     _check_resume_teacher(ckpt, teacher, path)
-    try:
-        model.load_state_dict(ckpt['state_dict'])
-        if opt.ema is not None and 'state_dict_ema' in ckpt:
-            opt.ema.module.load_state_dict(ckpt['state_dict_ema'])
-        opt.optimizer.load_state_dict(ckpt['optimizer'])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f'{path}: does not fit this run ({e})') from None
-    if opt.scaler is not None and ckpt.get('scaler'):
-        opt.scaler.load_state_dict(ckpt['scaler'])
-    # The schedule is rebuilt from the settings rather than loaded: the lr is a function of the
-    # update count, so this continues it exactly, and a resume with a new --epochs or --lr follows them.
-    set_rng_state(ckpt['rng'], generator)
-    epoch, step = int(ckpt['epoch']), int(ckpt['step'])
-    if epoch >= opt.total_epochs:
-        raise TrainingError(f'{path} already finished all {opt.total_epochs} epochs; '
-                            'pass a larger --epochs to train on')
-    return epoch, step, list((ckpt.get('metrics') or {}).get('history', []))
+    return restore_training_state(ckpt, path, model, opt.optimizer, opt.scaler, opt.ema, generator, opt.total_epochs)
 
 
 def _wrap_model(model: nn.Module, config: Dict[str, Any], process: Process) -> nn.Module:
@@ -548,28 +481,10 @@ def _save_checkpoint(model: nn.Module, opt: _Optimisation, generator: torch.Gene
                      class_names: List[str], log: RunLog, epoch: int, step: int, metrics: Dict[str, Any],
                      process: Process, teacher: Optional[Teacher] = None) -> None:
     """last.pth (atomically): everything a bit-identical resume needs; refused for non-finite weights."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise TrainingError(f'the weights became non-finite ({name}) in epoch {epoch}; '
-                                f"not saving them. {_advice(config['output'])}")
-    if not process.is_main:
-        return
-    state = {
-        'state_dict': model.state_dict(),
-        'optimizer': opt.optimizer.state_dict(),
-        'scheduler': opt.scheduler.state_dict(),
-        'scaler': opt.scaler.state_dict() if opt.scaler is not None else None,
-        'rng': rng_state(generator),
-        'epoch': epoch, 'step': step,
-        'config': config, 'class_names': class_names,
-        'metrics': {**metrics, 'history': log.history},
-        'version': __version__,
-    }
-    if opt.ema is not None:
-        state['state_dict_ema'] = opt.ema.module.state_dict()
-    if teacher is not None:
-        state['kd_teacher_sha256'] = teacher_digest(teacher)  # a resume checks it is the same teacher
-    atomic_torch_save(state, os.path.join(config['output'], 'last.pth'))
+    save_training_state(config['output'], model, opt.optimizer, opt.scheduler, opt.scaler, opt.ema, generator, config,
+                        class_names, epoch, step, metrics, log.history, process.is_main, _advice(config['output']),
+                        # a resume checks it is the same teacher
+                        extra={'kd_teacher_sha256': teacher_digest(teacher)} if teacher is not None else None)
 
 
 def _finish(model: nn.Module, ema: Optional[ModelEmaV3], config: Dict[str, Any], class_names: List[str],
