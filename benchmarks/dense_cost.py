@@ -40,6 +40,7 @@ MODELS = ('dynamixer_s', 'resnet50_fpn')
 def build(name: str, size: int) -> torch.nn.Module:
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
     from dynamixer.dense import detector_kwargs, pyramid_backbone
     if name == 'dynamixer_s':
         backbone = pyramid_backbone('dynamixer_s', img_size=size, out_channels=256)

@@ -15,8 +15,13 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet  # noqa
 from dynamixer import pyramid_backbone  # noqa: E402
 from dynamixer.cli import main  # noqa: E402
 from dynamixer.dense import (  # noqa: E402
-    DenseError, DigitsDetection, detector_kwargs, segmentation_model, validate_targets)
-from dynamixer.dense import build_detector  # noqa: E402
+    DenseError,
+    DigitsDetection,
+    build_detector,  # noqa: E402
+    detector_kwargs,
+    segmentation_model,
+    validate_targets,
+)
 from dynamixer.dense.trainer import evaluate_detection  # noqa: E402
 from dynamixer.errors import DynaMixerError, MissingDependencyError  # noqa: E402
 from reference import NANO, make_authors_state_dict  # noqa: E402

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 pytest.importorskip('torchvision')
-from dynamixer.dense.transforms import (detection_train_transform, segmentation_eval_transform,  # noqa: E402
-                                        segmentation_train_transform)
+from dynamixer.dense.transforms import (  # noqa: E402
+    detection_train_transform,
+    segmentation_eval_transform,
+    segmentation_train_transform,
+)
 
 
 def _item():

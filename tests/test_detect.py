@@ -226,6 +226,7 @@ def test_pretrained_classification_checkpoint_starts_the_trunk(digits_coco, tmp_
     """--pretrained-file: a classification checkpoint trained at 64x64 starts a 32x32 detector's
     trunk (resampled); its classifier is dropped."""
     import timm
+
     from dynamixer.dense.tasks import build_dense_model
     torch.manual_seed(1)
     clf = timm.create_model('dynamixer_nano', img_size=64, num_classes=7)

@@ -153,9 +153,9 @@ def _commands_reading(ckpt, work, image):
 
 @pytest.mark.parametrize('kind', DAMAGE)
 @pytest.mark.parametrize('command', ['export', 'export-onnx', 'predict', 'validate', 'train-resume',
-                                     'train-pretrained', 'train-teacher', 'push-to-hub', 'show-mixing', 'detect-validate',
-                                     'detect-predict', 'detect-resume', 'segment-validate', 'segment-predict',
-                                     'segment-resume'])
+                                     'train-pretrained', 'train-teacher', 'push-to-hub', 'show-mixing',
+                                     'detect-validate', 'detect-predict', 'detect-resume', 'segment-validate',
+                                     'segment-predict', 'segment-resume'])
 def test_every_command_refuses_every_damaged_checkpoint(work, damaged, image, command, kind):
     argv = _commands_reading(damaged[kind], work, image)[command]
     assert_user_error(run_cli(*argv))

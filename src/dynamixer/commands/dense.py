@@ -27,13 +27,13 @@ import torch
 
 from ..argtypes import Bounded, non_negative_int, positive_float, positive_int, probability
 from ..data.images import DataError
-from ..engine import Process
-from ..experiments import Job, format_mean_std, markdown_table, run_grid, summarize, write_csv, write_markdown
-from ..files import check_output_folder, validate_checkpoint_file
 from ..dense.backbone import PYRAMIDS, DenseError
 from ..dense.detectors import DETECTORS
 from ..dense.digits_coco import write_digits_coco
 from ..dense.trainer import resolve_settings, train_dense
+from ..engine import Process
+from ..experiments import Job, format_mean_std, markdown_table, run_grid, summarize, write_csv, write_markdown
+from ..files import check_output_folder, validate_checkpoint_file
 
 __all__ = ['TASKS', 'METRICS', 'add_arguments', 'run', 'run_one']
 

@@ -22,14 +22,19 @@ import yaml
 
 from ..argtypes import Bounded, non_negative_int, positive_int
 from ..data.images import DataError
-from ..engine import resolve_device
-from ..files import atomic_write_text, check_output_file, check_output_folder, validate_checkpoint_file
 from ..dense.coco import CocoDetection
 from ..dense.digits_coco import write_digits_coco
 from ..dense.evaluation import COCO_STATS
 from ..dense.predict import list_images, predict_detection
-from ..dense.trainer import (add_settings_arguments, evaluate_detection, load_dense_checkpoint, settings_from_args,
-                             train_dense)
+from ..dense.trainer import (
+    add_settings_arguments,
+    evaluate_detection,
+    load_dense_checkpoint,
+    settings_from_args,
+    train_dense,
+)
+from ..engine import resolve_device
+from ..files import atomic_write_text, check_output_file, check_output_folder, validate_checkpoint_file
 
 __all__ = ['add_arguments', 'run']
 
@@ -144,7 +149,8 @@ def _predict(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out, 'output folder (--out)')
     paths = list_images(args.inputs)
     model, settings, names, category_ids = load_dense_checkpoint(args.checkpoint, 'detect', device)
-    report = predict_detection(model, paths, out, names, category_ids, args.score, device, draw=not args.no_draw)
+    ids = category_ids or list(range(1, len(names) + 1))  # COCO's own numbering when none was recorded
+    report = predict_detection(model, paths, out, names, ids, args.score, device, draw=not args.no_draw)
     if report.count == 0:
         raise DataError(f'none of the {len(paths)} images could be read (see the lines above)')
     print(f'{report.count} images: detections in {report.written[0]}'

@@ -21,12 +21,18 @@ import yaml
 
 from ..argtypes import non_negative_int, positive_int
 from ..data.images import DataError
-from ..engine import resolve_device
-from ..files import check_output_folder, validate_checkpoint_file
 from ..dense.mask_folder import MaskFolder, read_class_names
 from ..dense.predict import list_images, predict_segmentation
-from ..dense.trainer import (add_settings_arguments, evaluate_segmentation, load_dense_checkpoint, model_size,
-                             settings_from_args, train_dense)
+from ..dense.trainer import (
+    add_settings_arguments,
+    evaluate_segmentation,
+    load_dense_checkpoint,
+    model_size,
+    settings_from_args,
+    train_dense,
+)
+from ..engine import resolve_device
+from ..files import check_output_folder, validate_checkpoint_file
 
 __all__ = ['add_arguments', 'run']
 

@@ -310,7 +310,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def coco_ground_truth(self) -> Dict[str, Any]:
         """The annotations as pycocotools' COCO takes them (original category ids, crowd kept,
         boxes as trained on: clipped, empty ones left out)."""
-        anns = []
+        anns: List[Dict[str, Any]] = []
         for img in self.images:
             for a in img.anns:
                 x1, y1, x2, y2 = a.box

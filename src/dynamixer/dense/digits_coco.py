@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,8 @@ def _write_split(ds: DigitsDetection, folder: str) -> Dict[str, Any]:
     os.makedirs(os.path.join(folder, 'images'), exist_ok=True)
     os.makedirs(os.path.join(folder, 'masks'), exist_ok=True)
     h, w = ds.img_size
-    images, annotations = [], []
+    images: List[Dict[str, Any]] = []
+    annotations: List[Dict[str, Any]] = []
     for i in range(len(ds)):
         name = f'{i:06d}.png'
         rgb = (ds.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from PIL import Image
 from ..data.images import IMAGE_EXTENSIONS, DataError, load_image
 from ..files import atomic_write, atomic_write_text
 from .evaluation import detections_to_coco
+
+CPU = torch.device('cpu')  # the default device of the functions below
 
 __all__ = ['list_images', 'PredictionReport', 'predict_detection', 'predict_segmentation']
 
@@ -81,15 +83,17 @@ def _save_png(array_or_image: Any, path: str) -> None:
 
 @torch.no_grad()
 def predict_detection(model: nn.Module, paths: Sequence[str], out: str, class_names: Sequence[str],
-                      category_ids: Sequence[int], score: float = 0.5, device: torch.device = torch.device('cpu'),
+                      category_ids: Sequence[int], score: float = 0.5, device: torch.device = CPU,
                       draw: bool = True) -> PredictionReport:
     """Detections with score >= `score` on each image: OUT/predictions.json (a COCO results list;
     image_id numbers the images from 1 in order, 'file_name' names them) and, with `draw`,
     OUT/NAME.png with the boxes (and masks) drawn and labelled (images smaller than DRAW_MIN_SIDE
     enlarged by an integer factor first)."""
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks   # torchvision: 'dense' extra
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks  # torchvision: 'dense' extra
     os.makedirs(out, exist_ok=True)
-    report, results, used = PredictionReport(), [], set()
+    report = PredictionReport()
+    used: Set[str] = set()
+    results: List[Dict[str, Any]] = []
     model.eval()
     for i, path in enumerate(paths):
         img = _read(path, report)
@@ -130,12 +134,13 @@ def _palette(k: int) -> np.ndarray:
 
 @torch.no_grad()
 def predict_segmentation(model: nn.Module, paths: Sequence[str], out: str, class_names: Sequence[str],
-                         size: Tuple[int, int], device: torch.device = torch.device('cpu'),
+                         size: Tuple[int, int], device: torch.device = CPU,
                          draw: bool = True) -> PredictionReport:
     """Per image: OUT/NAME.png, the class-index mask at the image's own size (mode L, or I;16 for
     more than 256 classes), and with `draw` OUT/NAME_overlay.png, the classes coloured over the image."""
     os.makedirs(out, exist_ok=True)
-    report, used = PredictionReport(), set()
+    report = PredictionReport()
+    used: Set[str] = set()
     palette = _palette(len(class_names))
     model.eval()
     for path in paths:

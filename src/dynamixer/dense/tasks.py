@@ -39,7 +39,9 @@ class _ModelTask(TrainingTask):
 class DetectionTask(_ModelTask):
     """(list of images (3, H, W), list of target dicts) -> dict(loss=sum of the detector's losses, **losses)."""
 
-    def forward(self, images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    # a detection batch is lists, not the (B, ...) tensors timm's TrainingTask.forward declares
+    def forward(self, images: List[torch.Tensor],  # type: ignore[override]
+                targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         losses = self.trainable_module(list(images), list(targets))
         return dict(loss=sum(losses.values()), **losses)
 

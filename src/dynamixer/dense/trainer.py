@@ -31,22 +31,29 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler
 
-from ..argtypes import (Bounded, OrWord, non_negative_float, non_negative_int, positive_float, positive_int,
-                        probability)
+from ..argtypes import Bounded, OrWord, non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..data.images import DataError
 from ..engine import NonFiniteLoss, Process, resolve_amp, seed_epoch, setup_process, train_one_epoch, worker_init
 from ..errors import require
 from ..files import CheckpointError, atomic_write, read_checkpoint
 from ..recipes import ConfigError, load_yaml
 from ..runlog import RunLog
-from ..runs import (TrainingError, claim_run_folder, default_output, restore_training_state, run_folder,
-                    save_training_state)
+from ..runs import (
+    TrainingError,
+    claim_run_folder,
+    default_output,
+    restore_training_state,
+    run_folder,
+    save_training_state,
+)
 from .coco import CocoDetection
 from .digits_detection import collate_detection
 from .evaluation import CocoEvaluator, SegmentationMetrics
 from .mask_folder import MaskFolder, read_class_names
 from .tasks import DetectionTask, SegmentationTask, build_dense_model
 from .transforms import detection_train_transform, segmentation_eval_transform, segmentation_train_transform
+
+CPU = torch.device('cpu')  # the default device of the functions below
 
 __all__ = ['OPTIONS', 'TASK_OPTIONS', 'CHECKPOINT_KIND', 'resolve_settings', 'train_dense', 'build_datasets',
            'evaluate_detection', 'evaluate_segmentation', 'load_dense_checkpoint']
@@ -264,7 +271,7 @@ def evaluate_segmentation(model: nn.Module, dataset: MaskFolder, size: Tuple[int
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-def load_dense_checkpoint(path: str, task: str, device: torch.device = torch.device('cpu')
+def load_dense_checkpoint(path: str, task: str, device: torch.device = CPU
                           ) -> Tuple[nn.Module, Dict[str, Any], List[str], Optional[List[int]]]:
     """(model in eval mode with the checkpoint's weights, its settings, class names, category ids)
     from a `train_dense` last.pth; CheckpointError for a file of another kind or task."""
@@ -377,8 +384,9 @@ def train_dense(settings: Dict[str, Any], resume: Optional[str] = None, overwrit
         raise ConfigError(f"batch_size {settings['batch_size']} does not split evenly over {world} processes x "
                           f'{accum} accumulation steps; choose a multiple of {world * accum}')
     generator = torch.Generator()
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=process.rank, shuffle=True,
-                                                  seed=settings['seed'], drop_last=False)
+    sampler: torch.utils.data.DistributedSampler = torch.utils.data.DistributedSampler(
+        train_set, num_replicas=world, rank=process.rank, shuffle=True,
+        seed=settings['seed'], drop_last=False)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=micro, sampler=sampler, drop_last=True, generator=generator,
         num_workers=settings['workers'], worker_init_fn=worker_init, pin_memory=process.device.type == 'cuda',
@@ -401,7 +409,8 @@ def train_dense(settings: Dict[str, Any], resume: Optional[str] = None, overwrit
     amp_dtype = resolve_amp(settings['amp'], process.device)
     scaler = NativeScaler(device=process.device.type) if amp_dtype == torch.float16 else None
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step = 0, 0
+    history: List[Dict[str, Any]] = []
     if ckpt is not None:
         start_epoch, step, history = restore_training_state(ckpt, resume, model, optimizer, scaler, None, generator,
                                                             total_epochs)
@@ -427,7 +436,7 @@ def train_dense(settings: Dict[str, Any], resume: Optional[str] = None, overwrit
             r = train_one_epoch(task, loader, steps_per_epoch, optimizer, scheduler, process, epoch, step,
                                 accum=accum, amp_dtype=amp_dtype, scaler=scaler, clip_grad=settings['clip_grad'],
                                 clip_mode=settings['clip_mode'], loss_hook=hooks.get('loss'),
-                                on_step=lambda loss, lr, ips: log.advance(bar, loss=loss, lr=lr, ips=ips))
+                                on_step=lambda loss, lr, ips, bar=bar: log.advance(bar, loss=loss, lr=lr, ips=ips))
         except NonFiniteLoss as e:
             raise TrainingError(f'the loss became {e.loss} at epoch {e.epoch + 1}, update {e.step + 1}: training '
                                 f'diverged and was stopped. {_advice(output)}') from None
