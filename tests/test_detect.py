@@ -245,13 +245,13 @@ def test_pretrained_classification_checkpoint_starts_the_trunk(digits_coco, tmp_
 
 
 def test_ctrl_c_names_the_checkpoint_to_resume(digits_coco, tmp_path, monkeypatch):
-    from dynamixer.commands import detect
+    from dynamixer.dense import trainer
 
     def interrupted(settings, resume=None, overwrite=False):
         os.makedirs(settings['output'])
         open(os.path.join(settings['output'], 'last.pth'), 'wb').close()
         raise KeyboardInterrupt
-    monkeypatch.setattr(detect, 'train_dense', interrupted)
+    monkeypatch.setattr(trainer, 'train_dense', interrupted)
     monkeypatch.chdir(tmp_path)
     rc, _, err = cli('detect', 'train', *data_args(digits_coco), *FLAGS)   # default run folder
     last = tmp_path / 'runs' / 'detect-retinanet-dynamixer_nano' / 'last.pth'

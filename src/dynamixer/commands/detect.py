@@ -17,9 +17,6 @@ import json
 import logging
 import os
 
-import torch
-import yaml
-
 from ..argtypes import Bounded, non_negative_int, positive_int
 from ..data.images import DataError
 from ..dense.coco import CocoDetection
@@ -27,14 +24,14 @@ from ..dense.digits_coco import write_digits_coco
 from ..dense.evaluation import COCO_STATS
 from ..dense.predict import list_images, predict_detection
 from ..dense.trainer import (
-    add_settings_arguments,
+    add_runtime_arguments,
+    add_train_arguments,
     evaluate_detection,
+    inference_device,
     load_dense_checkpoint,
-    settings_from_args,
-    train_dense,
+    train_from_args,
 )
-from ..engine import resolve_device
-from ..files import atomic_write_text, check_output_file, check_output_folder, validate_checkpoint_file
+from ..files import atomic_write_text, check_output_file, check_output_folder
 
 __all__ = ['add_arguments', 'run']
 
@@ -47,19 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument('--images', help='folder of the training images (default: next to the JSON, or its images/)')
     t.add_argument('--val', help='validation annotations (COCO JSON), scored after every epoch')
     t.add_argument('--val-images', help='folder of the validation images (default: next to its JSON, or images/)')
-    t.add_argument('--config', metavar='YAML', help='YAML file of settings')
-    t.add_argument('--resume', metavar='CHECKPOINT',
-                   help="continue a run from its last.pth ('auto': the run folder's, if there is one)")
-    t.add_argument('--overwrite', action='store_true', help='replace the run already in the --output folder')
-    t.add_argument('--print-config', action='store_true', help='print the resolved settings as YAML and exit')
-    add_settings_arguments(t, 'detect')
+    add_train_arguments(t, 'detect')
 
     v = sub.add_parser('validate', help='COCO AP of a trained detector on a COCO annotation file')
     v.add_argument('checkpoint', help='last.pth of `dynamixer detect train`')
     v.add_argument('annotations', help='COCO JSON of the images to score')
     v.add_argument('--images', help='folder of the images (default: next to the JSON, or its images/)')
     v.add_argument('--results', metavar='JSON', help='also write the detections as a COCO results JSON')
-    _runtime(v)
+    add_runtime_arguments(v, batch_size=4)
 
     q = sub.add_parser('predict', help='detect objects in image files; COCO results JSON and drawn pictures')
     q.add_argument('checkpoint', help='last.pth of `dynamixer detect train`')
@@ -68,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument('--score', type=Bounded(float, 0, 1), default=0.5, help='keep detections of at least this score '
                    '(default: 0.5)')
     q.add_argument('--no-draw', action='store_true', help='write predictions.json only')
-    _runtime(q)
+    add_runtime_arguments(q, batch_size=4)
 
     m = sub.add_parser('make-digits', help='write the digits detection canvases as a COCO data set (+ masks)')
     m.add_argument('out', help='folder to write train/ val/ classes.txt into')
@@ -79,19 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='side of a pasted digit: MIN MAX, or one size (default: 12 28)')
     m.add_argument('--max-digits', type=positive_int, default=4, help='at most this many per canvas (default: 4)')
     m.add_argument('--seed', type=non_negative_int, default=0, help='data seed (default: 0)')
-
-
-def _runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' (default: auto)")
-    p.add_argument('--threads', type=non_negative_int, default=0, help='CPU threads (0: torch\'s default)')
-    p.add_argument('--batch-size', type=positive_int, default=4, help='images per forward pass (default: 4)')
-
-
-def _setup(args: argparse.Namespace) -> torch.device:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    validate_checkpoint_file(args.checkpoint)
-    return resolve_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,19 +84,9 @@ def _train(args: argparse.Namespace) -> int:
         if not (args.train and args.val):
             raise DataError('give the training annotations (TRAIN.json) and --val VAL.json (scored every epoch)')
         data = dict(train=args.train, train_images=args.images, val=args.val, val_images=args.val_images)
-    settings, resume = settings_from_args('detect', args, data)
-    if not settings['data']:
-        raise DataError('no data: give TRAIN.json --val VAL.json (or --resume a run, which keeps its data)')
-    if args.print_config:
-        print(yaml.safe_dump(settings, sort_keys=False), end='')
+    result = train_from_args('detect', args, data, 'TRAIN.json --val VAL.json')
+    if result is None:  # --print-config
         return 0
-    try:
-        result = train_dense(settings, resume=resume, overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        last = os.path.join(settings['output'], 'last.pth')
-        hint = f'continue with: dynamixer detect train --resume {last}' if os.path.exists(last) else \
-            'no epoch was completed'
-        raise KeyboardInterrupt(hint) from None
     if result['rank'] == 0:
         m = result['history'][-1]
         masks = f", mask AP {m['mask_AP']:.2f}" if 'mask_AP' in m else ''
@@ -127,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    device = _setup(args)
+    device = inference_device(args)
     model, settings, names, category_ids = load_dense_checkpoint(args.checkpoint, 'detect', device)
     if args.results:
         args.results = check_output_file(args.results, 'results file (--results)', 'results.json')
@@ -145,7 +114,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    device = _setup(args)
+    device = inference_device(args)
     out = check_output_folder(args.out, 'output folder (--out)')
     paths = list_images(args.inputs)
     model, settings, names, category_ids = load_dense_checkpoint(args.checkpoint, 'detect', device)

@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
-import torch
-import yaml
-
-from ..argtypes import non_negative_int, positive_int
 from ..data.images import DataError
 from ..dense.mask_folder import MaskFolder, read_class_names
 from ..dense.predict import list_images, predict_segmentation
 from ..dense.trainer import (
-    add_settings_arguments,
+    add_runtime_arguments,
+    add_train_arguments,
     evaluate_segmentation,
+    inference_device,
     load_dense_checkpoint,
     model_size,
-    settings_from_args,
-    train_dense,
+    train_from_args,
 )
-from ..engine import resolve_device
-from ..files import check_output_folder, validate_checkpoint_file
+from ..files import check_output_folder
 
 __all__ = ['add_arguments', 'run']
 
@@ -46,39 +41,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument('--classes', help='text file of the class names, one per line, in index order')
     t.add_argument('--val-images', help='folder of validation images (scored after every epoch)')
     t.add_argument('--val-masks', help='folder of their masks')
-    t.add_argument('--config', metavar='YAML', help='YAML file of settings')
-    t.add_argument('--resume', metavar='CHECKPOINT',
-                   help="continue a run from its last.pth ('auto': the run folder's, if there is one)")
-    t.add_argument('--overwrite', action='store_true', help='replace the run already in the --output folder')
-    t.add_argument('--print-config', action='store_true', help='print the resolved settings as YAML and exit')
-    add_settings_arguments(t, 'segment')
+    add_train_arguments(t, 'segment')
 
     v = sub.add_parser('validate', help='mIoU and pixel accuracy of a trained segmenter')
     v.add_argument('checkpoint', help='last.pth of `dynamixer segment train`')
     v.add_argument('images', help='folder of images')
     v.add_argument('masks', help='folder of their class-index masks')
     v.add_argument('--classes', help='class-names file; must match the checkpoint\'s (default: the checkpoint\'s)')
-    _runtime(v)
+    add_runtime_arguments(v, batch_size=8)
 
     q = sub.add_parser('predict', help='segment image files: class-index mask PNGs and coloured overlays')
     q.add_argument('checkpoint', help='last.pth of `dynamixer segment train`')
     q.add_argument('inputs', nargs='+', help='image files and/or folders of images')
     q.add_argument('--out', required=True, help='output folder: NAME.png (class indices) and NAME_overlay.png')
     q.add_argument('--no-draw', action='store_true', help='write the mask PNGs only')
-    _runtime(q)
-
-
-def _runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' (default: auto)")
-    p.add_argument('--threads', type=non_negative_int, default=0, help='CPU threads (0: torch\'s default)')
-    p.add_argument('--batch-size', type=positive_int, default=8, help='images per forward pass (default: 8)')
-
-
-def _setup(args: argparse.Namespace) -> torch.device:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    validate_checkpoint_file(args.checkpoint)
-    return resolve_device(args.device)
+    add_runtime_arguments(q, batch_size=8)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,20 +71,9 @@ def _train(args: argparse.Namespace) -> int:
             raise DataError('give IMAGES MASKS --classes FILE --val-images DIR --val-masks DIR')
         data = dict(train_images=args.images, train_masks=args.masks, classes=args.classes,
                     val_images=args.val_images, val_masks=args.val_masks)
-    settings, resume = settings_from_args('segment', args, data)
-    if not settings['data']:
-        raise DataError('no data: give IMAGES MASKS --classes FILE --val-images DIR --val-masks DIR (or --resume '
-                        'a run, which keeps its data)')
-    if args.print_config:
-        print(yaml.safe_dump(settings, sort_keys=False), end='')
+    result = train_from_args('segment', args, data, 'IMAGES MASKS --classes FILE --val-images DIR --val-masks DIR')
+    if result is None:  # --print-config
         return 0
-    try:
-        result = train_dense(settings, resume=resume, overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        last = os.path.join(settings['output'], 'last.pth')
-        hint = f'continue with: dynamixer segment train --resume {last}' if os.path.exists(last) else \
-            'no epoch was completed'
-        raise KeyboardInterrupt(hint) from None
     if result['rank'] == 0:
         m = result['history'][-1]
         print(f"mIoU {m['mIoU']:.2f}, pixel accuracy {m['pixel_acc']:.2f} after {m['epoch']} epochs "
@@ -116,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    device = _setup(args)
+    device = inference_device(args)
     model, settings, names, _ = load_dense_checkpoint(args.checkpoint, 'segment', device)
     if args.classes and read_class_names(args.classes) != names:
         raise DataError(f'{args.classes} lists {len(read_class_names(args.classes))} classes, the checkpoint was '
@@ -130,7 +96,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    device = _setup(args)
+    device = inference_device(args)
     out = check_output_folder(args.out, 'output folder (--out)')
     paths = list_images(args.inputs)
     model, settings, names, _ = load_dense_checkpoint(args.checkpoint, 'segment', device)

@@ -27,15 +27,25 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler
 
 from ..argtypes import Bounded, OrWord, non_negative_float, non_negative_int, positive_float, positive_int, probability
 from ..data.images import DataError
-from ..engine import NonFiniteLoss, Process, resolve_amp, seed_epoch, setup_process, train_one_epoch, worker_init
+from ..engine import (
+    NonFiniteLoss,
+    Process,
+    resolve_amp,
+    resolve_device,
+    seed_epoch,
+    setup_process,
+    train_one_epoch,
+    worker_init,
+)
 from ..errors import require
-from ..files import CheckpointError, atomic_write, read_checkpoint
+from ..files import CheckpointError, atomic_write, read_checkpoint, validate_checkpoint_file
 from ..recipes import ConfigError, load_yaml
 from ..runlog import RunLog
 from ..runs import (
@@ -468,6 +478,53 @@ def train_dense(settings: Dict[str, Any], resume: Optional[str] = None, overwrit
 
 
 # ---- command-line flags of the settings ------------------------------------------------------------
+
+def add_train_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+    """The flags every dense `train` sub-command has: --config, --resume, --overwrite,
+    --print-config, then one flag per setting of `task` (add_settings_arguments)."""
+    parser.add_argument('--config', metavar='YAML', help='YAML file of settings')
+    parser.add_argument('--resume', metavar='CHECKPOINT',
+                        help="continue a run from its last.pth ('auto': the run folder's, if there is one)")
+    parser.add_argument('--overwrite', action='store_true', help='replace the run already in the --output folder')
+    parser.add_argument('--print-config', action='store_true', help='print the resolved settings as YAML and exit')
+    add_settings_arguments(parser, task)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """--device, --threads and --batch-size of the validate and predict sub-commands."""
+    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' (default: auto)")
+    parser.add_argument('--threads', type=non_negative_int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument('--batch-size', type=positive_int, default=batch_size,
+                        help=f'images per forward pass (default: {batch_size})')
+
+
+def inference_device(args: argparse.Namespace) -> torch.device:
+    """Threads set, the checkpoint file checked (a clear error before anything loads), the device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    validate_checkpoint_file(args.checkpoint)
+    return resolve_device(args.device)
+
+
+def train_from_args(task: str, args: argparse.Namespace, data: Optional[Dict[str, Optional[str]]],
+                    data_usage: str) -> Optional[Dict[str, Any]]:
+    """Run a dense `train` sub-command: settings from its flags, --print-config (returns None), or
+    train_dense's result. `data_usage` says what to give when there is no data; Ctrl-C names the
+    checkpoint to resume from."""
+    settings, resume = settings_from_args(task, args, data)
+    if not settings['data']:
+        raise DataError(f'no data: give {data_usage} (or --resume a run, which keeps its data)')
+    if args.print_config:
+        print(yaml.safe_dump(settings, sort_keys=False), end='')
+        return None
+    try:
+        return train_dense(settings, resume=resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        last = os.path.join(settings['output'], 'last.pth')
+        hint = (f'continue with: dynamixer {task} train --resume {last}' if os.path.exists(last)
+                else 'no epoch was completed')
+        raise KeyboardInterrupt(hint) from None
+
 
 def add_settings_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """One --flag per setting of `task`, default None so that only flags given override."""
