@@ -1,7 +1,5 @@
 """`dynamixer detect`: make-digits, train -> validate -> predict on the digits COCO set, bit-exact
 resume, run-folder rules, and every bad input a clear error with exit code 2."""
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -16,23 +14,17 @@ import yaml
 pytest.importorskip('pycocotools')
 pytest.importorskip('torchvision')
 
-from dynamixer.cli import main  # noqa: E402
 from dynamixer.dense.trainer import resolve_settings, train_dense  # noqa: E402
 from dynamixer.files import read_checkpoint  # noqa: E402
+from helpers import cli_result
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
+cli = cli_result  # (exit code, stdout, stderr) of `dynamixer ARGV`
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'src')
 # tiny: nano at 32x32, 16 training canvases, 4 updates of batch 4 per epoch
 FLAGS = ['--img-size', '32', '--batch-size', '4', '--lr', '3e-3', '--threads', '1', '--workers', '0', '--no-progress',
          '--hflip', '0', '--warmup-epochs', '0', '--out-channels', '32']
-
-
-def cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def data_args(d):

@@ -1,7 +1,5 @@
 """`dynamixer segment`: train -> validate -> predict on the digits masks, gradient accumulation,
 and bad masks / class lists / checkpoints as clear errors with exit code 2."""
-import contextlib
-import io
 import json
 import shutil
 
@@ -15,18 +13,13 @@ pytest.importorskip('torchvision')
 from dynamixer.cli import main  # noqa: E402
 from dynamixer.dense.trainer import resolve_settings, train_dense  # noqa: E402
 from dynamixer.files import read_checkpoint  # noqa: E402
+from helpers import cli_result
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
+cli = cli_result  # (exit code, stdout, stderr) of `dynamixer ARGV`
 FLAGS = ['--img-size', '32', '--batch-size', '8', '--threads', '1', '--workers', '0', '--no-progress',
          '--hflip', '0', '--warmup-epochs', '0', '--out-channels', '32', '--lr', '3e-3']
-
-
-def cli(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def data_args(d):
